@@ -1,0 +1,181 @@
+"""``wattstream demo``: the whole path on one machine, with nothing to set up.
+
+embedded broker -> replay of the bundled sample (telemetry + prices) -> price
+fan-out and arbitrage agents (Faust, in this process) -> decisions topic ->
+InfluxDB sink (a server if ``WATTSTREAM_INFLUX_URL`` is set, else a
+line-protocol file) -> a summary read back from the decisions topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import codec, kafka, topics
+from pipeline.app import create_app
+from pipeline.local import EmbeddedBroker, with_embedded_broker
+from pipeline.report import DecisionSummary, summarize
+from pipeline.schemas import Decision
+from pipeline.settings import Settings
+from sinks.influx import InfluxSink
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_DIR = REPO / "data" / "sample"
+
+
+@dataclass
+class DemoResult:
+    summary: DecisionSummary
+    readings_replayed: int
+    bad_rows: int
+    prices_replayed: int
+    points_written: int
+    dead_letters: int
+    influx_target: str
+    elapsed_s: float
+    broker: str
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "broker": self.broker,
+            "readings_replayed": self.readings_replayed,
+            "bad_rows": self.bad_rows,
+            "prices_replayed": self.prices_replayed,
+            "points_written": self.points_written,
+            "dead_letters": self.dead_letters,
+            "influx_target": self.influx_target,
+            "elapsed_s": round(self.elapsed_s, 2),
+            "summary": self.summary.as_dict(),
+        }
+
+
+@dataclass
+class Progress:
+    """What the demo shows while it runs."""
+
+    stage: str = "starting"
+    readings_sent: int = 0
+    readings_total: int = 0
+    points_written: int = 0
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def influx_target(settings: Settings) -> str:
+    influx = settings.influx
+    if influx.url:
+        where = f"db {influx.database}" if influx.api == "v1" else f"bucket {influx.bucket}"
+        return f"InfluxDB {influx.url} ({influx.api}, {where})"
+    return f"line-protocol file {influx.file}"
+
+
+async def run_pipeline(
+    settings: Settings,
+    telemetry_path: Path,
+    prices_path: Path | None,
+    on_progress: ProgressCallback | None = None,
+    drain_timeout_s: float = 300.0,
+) -> DemoResult:
+    """Run replay, agents and sink against ``settings.broker`` until everything is stored."""
+    from ingest.replay import Replay  # ingest is optional for a pure worker
+
+    started = time.monotonic()
+    progress = Progress()
+
+    def report(stage: str | None = None) -> None:
+        if stage:
+            progress.stage = stage
+        if on_progress:
+            on_progress(progress)
+
+    report("connecting to the broker")
+    await kafka.wait_for_broker(settings)
+    await kafka.ensure_topics(settings)
+    app = create_app(settings)
+    sink = InfluxSink(settings)
+    report("starting agents (consumer group join takes a few seconds)")
+    await app.start()
+    sink_task = asyncio.create_task(sink.run(), name="influx-sink")
+    try:
+
+        def on_replay(stats: Any) -> None:
+            progress.readings_sent = stats.readings_sent
+            progress.readings_total = stats.readings_total
+            progress.points_written = sink.stats.points_written
+            report()
+
+        report("replaying the sample")
+        replay = Replay(settings, telemetry_path, prices_path, on_progress=on_replay)
+        replay_stats = await replay.run()
+
+        report("waiting for agents and sink to catch up")
+        watcher = asyncio.create_task(_watch_sink(sink, progress, report))
+        try:
+            await kafka.wait_until_drained(
+                settings,
+                {
+                    settings.app_id: [
+                        settings.topic(topics.TELEMETRY),
+                        settings.topic(topics.SITE_PRICES),
+                        settings.topic(topics.PRICES),
+                    ],
+                    sink.group_id: sink.topic_names,
+                },
+                timeout_s=drain_timeout_s,
+            )
+        finally:
+            watcher.cancel()
+        await sink.stop()
+        await sink_task
+    finally:
+        if not sink_task.done():
+            sink_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sink_task
+        await app.stop()
+
+    report("summarising")
+    decisions = [codec.decode(Decision, value) for _, value in await kafka.read_all(settings, topics.DECISIONS)]
+    dead_letters = len(await kafka.read_all(settings, topics.DEAD_LETTERS))
+    return DemoResult(
+        summary=summarize(decisions),
+        readings_replayed=replay_stats.readings_sent,
+        bad_rows=replay_stats.bad_rows,
+        prices_replayed=replay_stats.prices_sent,
+        points_written=sink.stats.points_written,
+        dead_letters=dead_letters,
+        influx_target=influx_target(settings),
+        elapsed_s=time.monotonic() - started,
+        broker=str(settings.broker),
+    )
+
+
+async def _watch_sink(sink: InfluxSink, progress: Progress, report: Callable[[], None]) -> None:
+    while True:
+        progress.points_written = sink.stats.points_written
+        report()
+        await asyncio.sleep(0.25)
+
+
+def run_demo(
+    settings: Settings,
+    telemetry_path: Path,
+    prices_path: Path | None,
+    on_progress: ProgressCallback | None = None,
+) -> DemoResult:
+    """The demo, starting the embedded broker when no broker is configured."""
+    if not settings.embedded_broker:
+        return asyncio.run(run_pipeline(settings, telemetry_path, prices_path, on_progress))
+    with EmbeddedBroker() as broker:
+        local = with_embedded_broker(settings, broker)
+        return asyncio.run(run_pipeline(local, telemetry_path, prices_path, on_progress))

@@ -1,0 +1,473 @@
+"""Every message wattstream puts on Kafka, as pydantic v2 models.
+
+Contract (see docs/nomenclature.md for every quantity):
+
+* JSON on the wire, one ``schema_version`` per message; a consumer rejects a
+  version it does not know (dead letter) instead of guessing.
+* Timestamps are timezone-aware and normalised to UTC; a naive timestamp is
+  rejected because its instant is ambiguous.
+* Units are in field names (``power_kw``, ``soc_pct``, ``price_per_kwh``).
+  Money amounts are in the message's ``currency`` (ISO 4217).
+* Floats must be finite: NaN and infinities are rejected, so a broken sensor
+  value never reaches a decision or InfluxDB.
+* A field keeps one type forever (InfluxDB rejects a field whose type changes),
+  so quantities that could ever be fractional are floats from the start.
+
+Sign conventions: battery ``power_kw`` is positive when discharging; meter
+``power_kw`` is positive when importing from the grid; solar, home and
+generator power are >= 0; EV ``power_kw`` is positive when charging the car
+(negative is vehicle-to-grid).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal, TypeAlias
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
+
+SCHEMA_VERSION: Literal[1] = 1
+
+
+def _to_utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+"""A timezone-aware instant, normalised to UTC; naive datetimes are rejected."""
+
+Percent = Annotated[float, Field(ge=0.0, le=100.0)]
+NonNegative = Annotated[float, Field(ge=0.0)]
+Identifier = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+"""Site, device and market ids: they become Kafka keys and InfluxDB tags."""
+
+
+def stable_id(prefix: str, *parts: object) -> str:
+    """A deterministic id: the same inputs give the same id on every run.
+
+    Replays and restarts therefore write the same InfluxDB points and send no
+    duplicate webhook. 20 hex chars (80 bits) keep collisions negligible for
+    any realistic number of decisions.
+    """
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()
+    return f"{prefix}-{digest[:20]}"
+
+
+class Message(BaseModel):
+    """Base of every wire message: frozen, strict about unknown fields, finite floats."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class Kind(StrEnum):
+    BATTERY = "battery"
+    SOLAR = "solar"
+    METER = "meter"
+    HOME = "home"
+    GENERATOR = "generator"
+    EV = "ev"
+    FUSION = "fusion"
+
+
+# --- readings -----------------------------------------------------------------
+
+
+class _Reading(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    device: Identifier
+    ts: UtcDatetime
+
+
+class BatteryReading(_Reading):
+    kind: Literal["battery"] = "battery"
+    power_kw: float
+    """Positive discharging, negative charging. [kW]"""
+    soc_pct: Percent
+    """State of charge. [%]"""
+    voltage_v: float | None = None
+    temperature_c: float | None = None
+
+
+class SolarReading(_Reading):
+    kind: Literal["solar"] = "solar"
+    power_kw: NonNegative
+    """AC generation. [kW]"""
+    irradiance_w_m2: NonNegative | None = None
+    """Plane-of-array irradiance. [W/m2]"""
+    temp_air_c: float | None = None
+    temp_module_c: float | None = None
+
+
+class MeterReading(_Reading):
+    kind: Literal["meter"] = "meter"
+    power_kw: float
+    """Grid connection point: positive import, negative export. [kW]"""
+    import_energy_kwh: NonNegative | None = None
+    """Cumulative imported energy register. [kWh]"""
+    export_energy_kwh: NonNegative | None = None
+    voltage_v: float | None = None
+    frequency_hz: float | None = None
+
+
+class HomeReading(_Reading):
+    kind: Literal["home"] = "home"
+    power_kw: NonNegative
+    """Household consumption. [kW]"""
+
+
+class GeneratorReading(_Reading):
+    kind: Literal["generator"] = "generator"
+    power_kw: NonNegative
+    running: bool
+    fuel_pct: Percent | None = None
+
+
+class EvReading(_Reading):
+    kind: Literal["ev"] = "ev"
+    power_kw: float
+    """Positive charging the vehicle, negative vehicle-to-grid. [kW]"""
+    soc_pct: Percent | None = None
+    plugged_in: bool
+    energy_kwh: NonNegative | None = None
+    """Energy delivered in the current session. [kWh]"""
+
+
+class FusionReading(_Reading):
+    kind: Literal["fusion"] = "fusion"
+    plasma_temp_kev: NonNegative
+    confinement_stability: Annotated[float, Field(ge=0.0, le=1.0)]
+    """1 = fully stable magnetic confinement, 0 = lost. [-]"""
+    q_factor: NonNegative
+    """Fusion gain: fusion power out over heating power in. [-]"""
+    magnetic_field_t: NonNegative | None = None
+
+
+Reading: TypeAlias = Annotated[
+    BatteryReading
+    | SolarReading
+    | MeterReading
+    | HomeReading
+    | GeneratorReading
+    | EvReading
+    | FusionReading,
+    Field(discriminator="kind"),
+]
+READING_ADAPTER: TypeAdapter[Reading] = TypeAdapter(Reading)
+
+READING_MODELS: dict[str, type[_Reading]] = {
+    "battery": BatteryReading,
+    "solar": SolarReading,
+    "meter": MeterReading,
+    "home": HomeReading,
+    "generator": GeneratorReading,
+    "ev": EvReading,
+    "fusion": FusionReading,
+}
+
+
+class TelemetryBatch(Message):
+    """Many readings of one site (a poll cycle, an MQTT burst, a replay chunk).
+
+    Kafka key: ``site``. Batching is what makes a worker fast: Faust's cost is
+    per message, not per reading.
+    """
+
+    batch_id: Identifier
+    site: Identifier
+    source: str = Field(min_length=1, max_length=200)
+    """The connector that produced the batch, e.g. ``replay:telemetry.parquet``."""
+    readings: list[Reading] = Field(min_length=1)
+
+
+# --- market and grid ---------------------------------------------------------------
+
+
+class PriceKind(StrEnum):
+    DAY_AHEAD = "day_ahead"
+    SPOT = "spot"
+    INTRADAY = "intraday"
+    IMBALANCE = "imbalance"
+    TOU = "tou"
+
+
+class PriceTick(Message):
+    """The price of one delivery interval of one market. Kafka key: ``market``.
+
+    Negative prices are valid (they happen when renewables flood the grid).
+    """
+
+    market: Identifier
+    start: UtcDatetime
+    end: UtcDatetime
+    price_per_kwh: float
+    currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
+    price_kind: PriceKind = PriceKind.DAY_AHEAD
+    published_at: UtcDatetime | None = None
+    """When the price became known; strategies must not see it earlier."""
+
+    @model_validator(mode="after")
+    def _interval_is_positive(self) -> PriceTick:
+        if self.end <= self.start:
+            raise ValueError(
+                f"end {self.end.isoformat()} must be after start {self.start.isoformat()}"
+            )
+        return self
+
+
+class CarbonIntensity(Message):
+    """Average grid carbon intensity of one interval of one zone. Kafka key: ``zone``."""
+
+    zone: Identifier
+    start: UtcDatetime
+    end: UtcDatetime
+    co2_g_per_kwh: NonNegative
+    renewable_share_pct: Percent | None = None
+    source: str = "unknown"
+
+
+# --- decisions and their consequences -------------------------------------------------
+
+
+class Action(StrEnum):
+    CHARGE = "CHARGE"
+    DISCHARGE = "DISCHARGE"
+    HOLD = "HOLD"
+
+
+class Decision(Message):
+    """What a strategy decided for one battery for one price interval. Kafka key: ``site``."""
+
+    decision_id: str
+    site: Identifier
+    device: Identifier
+    strategy: str
+    action: Action
+    power_kw: float
+    """Setpoint: positive discharge, negative charge, 0 for HOLD. [kW]"""
+    grid_energy_kwh: float
+    """Energy at the grid side over the interval: positive sold, negative bought. [kWh]"""
+    price_per_kwh: float
+    currency: str = "EUR"
+    expected_revenue: float
+    """grid_energy_kwh x price_per_kwh, in ``currency``; negative is a cost."""
+    soc_pct: Percent
+    """Measured state of charge the decision was based on. [%]"""
+    expected_soc_pct: Percent
+    """State of charge at the end of the interval if the setpoint is followed. [%]"""
+    decided_at: UtcDatetime
+    """Event time of the reading the decision was based on."""
+    valid_from: UtcDatetime
+    valid_until: UtcDatetime
+    reason: str
+    binding: list[str] = Field(default_factory=list)
+    """Constraints that limited the decision, e.g. ``max_charge_kw``, ``soc_max_pct``."""
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class AlertStatus(StrEnum):
+    FIRING = "firing"
+    RESOLVED = "resolved"
+
+
+class Alert(Message):
+    """Kafka key: ``site``. One ``alert_id`` per incident: start and resolve share it."""
+
+    alert_id: str
+    site: Identifier
+    device: Identifier | None = None
+    alert_type: str
+    """What was detected, e.g. ``device_offline``, ``scram``, ``vampire_load``."""
+    severity: Severity
+    status: AlertStatus = AlertStatus.FIRING
+    subject: str
+    message: str
+    start: UtcDatetime
+    end: UtcDatetime | None = None
+    observed: float | None = None
+    expected: float | None = None
+    details: dict[str, float | str | bool] = Field(default_factory=dict)
+
+
+class SourceFlow(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    source: str
+    """``solar``, ``battery``, ``grid``, ``generator``."""
+    power_kw: NonNegative
+
+
+class Allocation(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    consumer: str
+    priority: int
+    requested_kw: NonNegative
+    allocated_kw: NonNegative
+    sources: list[SourceFlow] = Field(default_factory=list)
+
+
+class AllocationPlan(Message):
+    """Who gets which energy in one interval at one site. Kafka key: ``site``."""
+
+    plan_id: str
+    site: Identifier
+    start: UtcDatetime
+    end: UtcDatetime
+    sources: list[SourceFlow]
+    allocations: list[Allocation]
+    currency: str = "EUR"
+    grid_cost: float
+    export_revenue: float
+    net_cost: float
+    baseline_net_cost: float
+    """Net cost of the same interval with no optimisation."""
+    saving: float
+
+
+class EmissionsRecord(Message):
+    """Scope 2 emissions of one site for one hour. Kafka key: ``site``."""
+
+    record_id: str
+    site: Identifier
+    start: UtcDatetime
+    end: UtcDatetime
+    grid_energy_kwh: NonNegative
+    solar_energy_kwh: NonNegative
+    battery_energy_kwh: NonNegative
+    grid_co2_g_per_kwh: NonNegative
+    location_based_kg_co2: NonNegative
+    market_based_kg_co2: NonNegative
+    clean_share_pct: Percent
+
+
+class CertificateAction(StrEnum):
+    MINT = "MINT"
+    BURN = "BURN"
+    EXPIRE = "EXPIRE"
+
+
+class CertificateEvent(Message):
+    """One event of the guarantee-of-origin ledger. Kafka key: ``site``."""
+
+    event_id: str
+    certificate_id: str
+    action: CertificateAction
+    site: Identifier
+    device: Identifier | None = None
+    hour_start: UtcDatetime
+    energy_mwh: NonNegative = 1.0
+    claimed_by: str | None = None
+    at: UtcDatetime
+
+
+class Command(Message):
+    """An instruction to a device. Kafka key: ``site``.
+
+    Dry-run unless the control path is explicitly enabled; bounded by the
+    device's limits before it is sent.
+    """
+
+    command_id: str
+    site: Identifier
+    device: Identifier
+    action: str
+    """``set_power``, ``shed``, ``restore``, ``scram``, ``start_job``, ``stop_job``."""
+    setpoint_kw: float | None = None
+    reason: str
+    issued_at: UtcDatetime
+    valid_until: UtcDatetime | None = None
+    dry_run: bool = True
+    source_id: str | None = None
+    """The decision or alert that caused the command."""
+
+
+class DeadLetter(Message):
+    """A record that could not be used, with why. Kafka key: the source topic.
+
+    ``raw`` holds the original bytes (decoded as UTF-8 with ``backslashreplace``
+    so any input survives a JSON round trip), so nothing is lost and the record
+    can be repaired and re-sent.
+    """
+
+    source_topic: str
+    source_partition: int | None = None
+    source_offset: int | None = None
+    key: str | None = None
+    raw: str
+    reason: str
+    error_type: str
+    component: str
+    """The part of wattstream that rejected it, e.g. ``processors.arbitrage``."""
+    received_at: UtcDatetime
+
+    @field_validator("raw")
+    @classmethod
+    def _bounded(cls, value: str) -> str:
+        # A dead letter must itself fit in a Kafka message (1 MB default).
+        return value[:900_000]
+
+
+def dead_letter(
+    *,
+    raw: bytes | str,
+    reason: str,
+    error_type: str,
+    component: str,
+    source_topic: str,
+    key: bytes | str | None = None,
+    partition: int | None = None,
+    offset: int | None = None,
+    now: datetime | None = None,
+) -> DeadLetter:
+    """Build a DeadLetter from whatever was received, never failing itself."""
+
+    def text(value: bytes | str) -> str:
+        return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
+
+    return DeadLetter(
+        source_topic=source_topic,
+        source_partition=partition,
+        source_offset=offset,
+        key=None if key is None else text(key),
+        raw=text(raw),
+        reason=reason[:2000],
+        error_type=error_type,
+        component=component,
+        received_at=now or datetime.now(UTC),
+    )
+
+
+ALL_MESSAGES: tuple[type[Message], ...] = (
+    TelemetryBatch,
+    PriceTick,
+    CarbonIntensity,
+    Decision,
+    Alert,
+    AllocationPlan,
+    EmissionsRecord,
+    CertificateEvent,
+    Command,
+    DeadLetter,
+)
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schema of every message, by model name, for consumers in other languages."""
+    return {model.__name__: model.model_json_schema(mode="serialization") for model in ALL_MESSAGES}

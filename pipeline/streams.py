@@ -1,0 +1,92 @@
+"""Faust glue shared by processors: raw topics, decoding events, dead letters.
+
+Faust acks an event even when the agent raises, so an agent must never raise
+on bad input: it decodes with these helpers, which dead-letter what cannot be
+used (with the reason and the original bytes) and let the stream go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, TypeVar
+
+import faust
+from pydantic import BaseModel
+
+from pipeline import codec, topics
+from pipeline.schemas import TelemetryBatch, dead_letter
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def raw_topic(app: faust.App, settings: Settings, *specs: topics.TopicSpec) -> faust.TopicT:
+    """A Faust channel over one or more registry topics, delivering raw bytes.
+
+    Raw bytes, because decoding is ours: a record that does not decode must be
+    dead-lettered with its bytes, not crash Faust's deserializer.
+    """
+    partition_counts = {spec.partition_count(settings.partitions) for spec in specs}
+    assert len(partition_counts) == 1, "a channel's topics must be co-partitioned"
+    return app.topic(
+        *(settings.topic(spec) for spec in specs),
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=partition_counts.pop(),
+    )
+
+
+class DeadLetters:
+    """Sends rejected records to the dead-letter topic and counts them."""
+
+    def __init__(self, app: faust.App, settings: Settings, component: str) -> None:
+        self.topic = raw_topic(app, settings, topics.DEAD_LETTERS)
+        self.component = component
+        self.count = 0
+
+    async def reject(
+        self,
+        event: Any,
+        reason: str,
+        error_type: str,
+        raw: bytes | None = None,
+    ) -> None:
+        message = event.message
+        letter = dead_letter(
+            raw=message.value if raw is None else raw,
+            reason=reason,
+            error_type=error_type,
+            component=self.component,
+            source_topic=message.topic,
+            key=message.key,
+            partition=message.partition,
+            offset=message.offset,
+        )
+        self.count += 1
+        log.warning(
+            "dead-lettered record from %s[%d]@%d: %s",
+            message.topic,
+            message.partition,
+            message.offset,
+            reason,
+        )
+        await self.topic.send(key=message.topic.encode(), value=codec.encode(letter))
+
+
+async def decode_event(model: type[M], event: Any, dlq: DeadLetters) -> M | None:
+    try:
+        return codec.decode(model, event.message.value)
+    except codec.DecodeError as error:
+        await dlq.reject(event, error.reason, error.error_type)
+        return None
+
+
+async def decode_telemetry_event(event: Any, dlq: DeadLetters) -> TelemetryBatch | None:
+    batch, rejected = codec.decode_telemetry(event.message.value)
+    for part in rejected:
+        await dlq.reject(event, part.reason, part.error_type, raw=part.raw)
+    return batch

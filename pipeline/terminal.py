@@ -1,0 +1,89 @@
+"""Terminal output for humans: live progress and summary tables (rich)."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from pipeline.demo import DemoResult
+    from pipeline.demo import Progress as DemoState
+
+console = Console(stderr=False)
+
+
+class DemoProgress:
+    """A live progress display of the demo; a no-op when disabled (``--json``)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._progress = Progress(
+            TextColumn("[bold]{task.description:<16}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[note]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+            disable=not enabled,
+        )
+        self._replay = self._progress.add_task("readings sent", total=None, note="")
+        self._sink = self._progress.add_task("points written", total=None, note="")
+
+    def update(self, state: DemoState) -> None:
+        self._progress.update(
+            self._replay,
+            completed=state.readings_sent,
+            total=state.readings_total or None,
+            note=state.stage,
+        )
+        self._progress.update(self._sink, completed=state.points_written, note="")
+
+    def __enter__(self) -> Self:
+        self._progress.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._progress.stop()
+
+
+def print_demo_result(result: DemoResult) -> None:
+    summary = result.summary
+    table = Table(title="Arbitrage decisions (threshold strategy)", title_justify="left")
+    for column in ("site", "decisions", "CHARGE", "DISCHARGE", "HOLD", "charged kWh", "discharged kWh"):
+        table.add_column(column, justify="right" if column != "site" else "left")
+    table.add_column(f"revenue {summary.currency}", justify="right")
+    for site, per_site in sorted(summary.by_site.items()):
+        table.add_row(
+            site,
+            str(per_site.decisions),
+            *(str(per_site.by_action.get(a, 0)) for a in ("CHARGE", "DISCHARGE", "HOLD")),
+            f"{per_site.energy_charged_kwh:,.1f}",
+            f"{per_site.energy_discharged_kwh:,.1f}",
+            f"{per_site.revenue:,.2f}",
+        )
+    table.add_section()
+    table.add_row(
+        "[bold]total",
+        f"[bold]{summary.decisions}",
+        *(f"[bold]{summary.by_action.get(a, 0)}" for a in ("CHARGE", "DISCHARGE", "HOLD")),
+        f"[bold]{summary.energy_charged_kwh:,.1f}",
+        f"[bold]{summary.energy_discharged_kwh:,.1f}",
+        f"[bold]{summary.revenue:,.2f}",
+    )
+    console.print(table)
+    console.print(
+        f"readings replayed {result.readings_replayed:,} (bad rows {result.bad_rows}), "
+        f"prices {result.prices_replayed}, dead letters {result.dead_letters}, "
+        f"points written {result.points_written:,} to {result.influx_target}, "
+        f"in {result.elapsed_s:.1f} s"
+    )

@@ -1,0 +1,385 @@
+"""Battery arbitrage: charge when energy is cheap, discharge when it is dear.
+
+The rule (``threshold`` strategy, from the specification), per battery and per
+price interval:
+
+* price <  ``charge_below_price_per_kwh``    -> CHARGE
+* price >  ``discharge_above_price_per_kwh`` -> DISCHARGE
+* otherwise                                  -> HOLD
+
+always within the battery's limits:
+
+* state of charge stays in [max(soc_min, reserve), soc_max] (the reserve is kept
+  for backup power, so arbitrage never discharges into it);
+* power stays within ``max_charge_kw`` / ``max_discharge_kw``;
+* round-trip efficiency is split evenly: charging P kW for t h stores
+  P*t*sqrt(eta) kWh, discharging P kW delivers P*t kWh to the grid and draws
+  P*t/sqrt(eta) kWh from the cells.
+
+A decision is made once per battery per price interval, from the first reading
+of that battery inside the interval, and covers the rest of the interval.
+Readings and prices arrive on different topics in any order; :class:`SiteArbitrage`
+holds readings whose price is not known yet and decides as soon as it is, so the
+decisions are the same whatever the arrival order.
+
+Everything here is plain Python (no Faust import): ``register`` at the bottom is
+the thin wiring to Kafka.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from pipeline import codec, topics
+from pipeline.schemas import (
+    Action,
+    BatteryReading,
+    Decision,
+    PriceTick,
+    TelemetryBatch,
+    stable_id,
+)
+from pipeline.settings import BatteryConfig, Settings, SiteConfig
+
+if TYPE_CHECKING:
+    import faust
+
+log = logging.getLogger(__name__)
+
+STRATEGY = "threshold"
+# Below this a setpoint is noise (and would flip an action on rounding): HOLD instead.
+MIN_POWER_KW = 1e-6
+# Readings whose price has not arrived are kept this long (event time) before they
+# are given up; day-ahead prices arrive 11-35 h before delivery, so 48 h is ample.
+UNPRICED_HORIZON_MS = 48 * 3600 * 1000
+# Known prices older than this behind the newest reading are pruned from state.
+PRICE_HORIZON_MS = 48 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class Setpoint:
+    """The outcome of the rule for one battery over one interval."""
+
+    action: Action
+    power_kw: float
+    """Positive discharge, negative charge. [kW]"""
+    grid_energy_kwh: float
+    """Positive sold to the grid, negative bought. [kWh]"""
+    expected_soc_pct: float
+    reason: str
+    binding: tuple[str, ...] = ()
+
+
+def decide_threshold(
+    battery: BatteryConfig, soc_pct: float, price_per_kwh: float, duration_h: float
+) -> Setpoint:
+    """Apply the threshold rule to one battery for ``duration_h`` hours at one price."""
+    if not duration_h > 0:
+        raise ValueError(f"duration_h must be positive, got {duration_h}")
+    one_way_efficiency = math.sqrt(battery.round_trip_efficiency)
+    capacity_kwh = battery.capacity_kwh
+
+    if price_per_kwh < battery.charge_below_price_per_kwh:
+        why = (
+            f"price {price_per_kwh:.4f} < charge threshold {battery.charge_below_price_per_kwh:.4f}"
+        )
+        headroom_kwh = (battery.soc_max_pct - soc_pct) / 100.0 * capacity_kwh
+        soc_limited_kw = headroom_kwh / (one_way_efficiency * duration_h)
+        if soc_limited_kw <= MIN_POWER_KW:
+            return Setpoint(
+                Action.HOLD,
+                0.0,
+                0.0,
+                soc_pct,
+                f"{why}, but battery full (soc {soc_pct:.1f}% >= max {battery.soc_max_pct:.1f}%)",
+                ("soc_max_pct",),
+            )
+        power_kw = min(battery.max_charge_kw, soc_limited_kw)
+        binding = ("max_charge_kw",) if power_kw == battery.max_charge_kw else ("soc_max_pct",)
+        stored_kwh = power_kw * duration_h * one_way_efficiency
+        return Setpoint(
+            Action.CHARGE,
+            -power_kw,
+            -power_kw * duration_h,
+            min(battery.soc_max_pct, soc_pct + stored_kwh / capacity_kwh * 100.0),
+            f"{why}: charge {power_kw:.2f} kW (limited by {binding[0]})",
+            binding,
+        )
+
+    if price_per_kwh > battery.discharge_above_price_per_kwh:
+        why = (
+            f"price {price_per_kwh:.4f} > discharge threshold "
+            f"{battery.discharge_above_price_per_kwh:.4f}"
+        )
+        floor_pct = max(battery.soc_min_pct, battery.reserve_pct)
+        floor_name = "reserve_pct" if battery.reserve_pct >= battery.soc_min_pct else "soc_min_pct"
+        available_kwh = (soc_pct - floor_pct) / 100.0 * capacity_kwh
+        soc_limited_kw = available_kwh * one_way_efficiency / duration_h
+        if soc_limited_kw <= MIN_POWER_KW:
+            return Setpoint(
+                Action.HOLD,
+                0.0,
+                0.0,
+                soc_pct,
+                f"{why}, but battery at its floor (soc {soc_pct:.1f}% <= {floor_name} "
+                f"{floor_pct:.1f}%)",
+                (floor_name,),
+            )
+        power_kw = min(battery.max_discharge_kw, soc_limited_kw)
+        binding = ("max_discharge_kw",) if power_kw == battery.max_discharge_kw else (floor_name,)
+        drawn_kwh = power_kw * duration_h / one_way_efficiency
+        return Setpoint(
+            Action.DISCHARGE,
+            power_kw,
+            power_kw * duration_h,
+            max(floor_pct, soc_pct - drawn_kwh / capacity_kwh * 100.0),
+            f"{why}: discharge {power_kw:.2f} kW (limited by {binding[0]})",
+            binding,
+        )
+
+    return Setpoint(
+        Action.HOLD,
+        0.0,
+        0.0,
+        soc_pct,
+        f"price {price_per_kwh:.4f} between thresholds "
+        f"{battery.charge_below_price_per_kwh:.4f} and {battery.discharge_above_price_per_kwh:.4f}",
+    )
+
+
+# --- joining readings with prices, per site ---------------------------------------------
+
+
+def _ms(ts: datetime) -> int:
+    return int(ts.timestamp() * 1000)
+
+
+def _dt(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+@dataclass
+class PricedInterval:
+    start_ms: int
+    end_ms: int
+    price_per_kwh: float
+    currency: str
+
+
+@dataclass
+class BatteryState:
+    last_decided_start_ms: int | None = None
+    unpriced: list[tuple[int, float]] = field(default_factory=list)
+    """(ts_ms, soc_pct) of readings whose price interval is not known yet."""
+
+
+@dataclass
+class SiteState:
+    """What the arbitrage of one site remembers between messages (a Faust table value)."""
+
+    intervals: list[PricedInterval] = field(default_factory=list)
+    """Known price intervals, sorted by start."""
+    batteries: dict[str, BatteryState] = field(default_factory=dict)
+    newest_reading_ms: int | None = None
+    dropped_unpriced: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "intervals": [
+                [i.start_ms, i.end_ms, i.price_per_kwh, i.currency] for i in self.intervals
+            ],
+            "batteries": {
+                device: {"last": b.last_decided_start_ms, "unpriced": b.unpriced}
+                for device, b in self.batteries.items()
+            },
+            "newest": self.newest_reading_ms,
+            "dropped": self.dropped_unpriced,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> SiteState:
+        if not data:
+            return cls()
+        return cls(
+            intervals=[
+                PricedInterval(int(s), int(e), float(p), str(c)) for s, e, p, c in data["intervals"]
+            ],
+            batteries={
+                device: BatteryState(b["last"], [(int(t), float(soc)) for t, soc in b["unpriced"]])
+                for device, b in data["batteries"].items()
+            },
+            newest_reading_ms=data["newest"],
+            dropped_unpriced=data["dropped"],
+        )
+
+    def interval_at(self, ts_ms: int) -> PricedInterval | None:
+        index = bisect.bisect_right([i.start_ms for i in self.intervals], ts_ms) - 1
+        if index >= 0 and ts_ms < self.intervals[index].end_ms:
+            return self.intervals[index]
+        return None
+
+    def add_interval(self, interval: PricedInterval) -> None:
+        starts = [i.start_ms for i in self.intervals]
+        index = bisect.bisect_left(starts, interval.start_ms)
+        if index < len(self.intervals) and self.intervals[index].start_ms == interval.start_ms:
+            self.intervals[index] = interval  # a revised price replaces the old one
+        else:
+            self.intervals.insert(index, interval)
+
+
+class SiteArbitrage:
+    """The threshold strategy for every configured battery of one site."""
+
+    def __init__(self, site: SiteConfig) -> None:
+        self.site = site
+        self.batteries = {b.device: b for b in site.batteries}
+
+    def on_readings(self, state: SiteState, readings: list[BatteryReading]) -> list[Decision]:
+        """Take a site's battery readings (in arrival order); return the decisions they allow."""
+        decisions: list[Decision] = []
+        for reading in readings:
+            battery = self.batteries.get(reading.device)
+            if battery is None:
+                continue
+            ts_ms = _ms(reading.ts)
+            state.newest_reading_ms = max(ts_ms, state.newest_reading_ms or ts_ms)
+            battery_state = state.batteries.setdefault(reading.device, BatteryState())
+            interval = state.interval_at(ts_ms)
+            if interval is None:
+                battery_state.unpriced.append((ts_ms, reading.soc_pct))
+                continue
+            decision = self._decide(battery, battery_state, interval, ts_ms, reading.soc_pct)
+            if decision is not None:
+                decisions.append(decision)
+        self._prune(state)
+        return decisions
+
+    def on_price(self, state: SiteState, tick: PriceTick) -> list[Decision]:
+        """Take a price of the site's market; decide for readings that were waiting for it."""
+        state.add_interval(
+            PricedInterval(_ms(tick.start), _ms(tick.end), tick.price_per_kwh, tick.currency)
+        )
+        decisions: list[Decision] = []
+        for device, battery_state in sorted(state.batteries.items()):
+            battery = self.batteries.get(device)
+            if battery is None or not battery_state.unpriced:
+                continue
+            still_unpriced: list[tuple[int, float]] = []
+            for ts_ms, soc_pct in battery_state.unpriced:
+                interval = state.interval_at(ts_ms)
+                if interval is None:
+                    still_unpriced.append((ts_ms, soc_pct))
+                    continue
+                decision = self._decide(battery, battery_state, interval, ts_ms, soc_pct)
+                if decision is not None:
+                    decisions.append(decision)
+            battery_state.unpriced = still_unpriced
+        self._prune(state)
+        return decisions
+
+    def _decide(
+        self,
+        battery: BatteryConfig,
+        battery_state: BatteryState,
+        interval: PricedInterval,
+        ts_ms: int,
+        soc_pct: float,
+    ) -> Decision | None:
+        last = battery_state.last_decided_start_ms
+        if last is not None and interval.start_ms <= last:
+            return None  # this interval (or a later one) was already decided
+        battery_state.last_decided_start_ms = interval.start_ms
+        duration_h = (interval.end_ms - ts_ms) / 3_600_000
+        setpoint = decide_threshold(battery, soc_pct, interval.price_per_kwh, duration_h)
+        valid_from = _dt(interval.start_ms)
+        return Decision(
+            decision_id=stable_id(
+                "dec", self.site.id, battery.device, STRATEGY, valid_from.isoformat()
+            ),
+            site=self.site.id,
+            device=battery.device,
+            strategy=STRATEGY,
+            action=setpoint.action,
+            power_kw=setpoint.power_kw,
+            grid_energy_kwh=setpoint.grid_energy_kwh,
+            price_per_kwh=interval.price_per_kwh,
+            currency=interval.currency,
+            expected_revenue=setpoint.grid_energy_kwh * interval.price_per_kwh,
+            soc_pct=soc_pct,
+            expected_soc_pct=setpoint.expected_soc_pct,
+            decided_at=_dt(ts_ms),
+            valid_from=valid_from,
+            valid_until=_dt(interval.end_ms),
+            reason=setpoint.reason,
+            binding=list(setpoint.binding),
+        )
+
+    def _prune(self, state: SiteState) -> None:
+        newest = state.newest_reading_ms
+        if newest is None:
+            return
+        state.intervals = [i for i in state.intervals if i.end_ms >= newest - PRICE_HORIZON_MS]
+        for battery_state in state.batteries.values():
+            kept = [(t, s) for t, s in battery_state.unpriced if t >= newest - UNPRICED_HORIZON_MS]
+            state.dropped_unpriced += len(battery_state.unpriced) - len(kept)
+            battery_state.unpriced = kept
+
+
+def battery_readings(batch: TelemetryBatch) -> list[BatteryReading]:
+    return [r for r in batch.readings if isinstance(r, BatteryReading)]
+
+
+# --- wiring -------------------------------------------------------------------------------
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    """Wire the rule to Kafka: telemetry + site prices in, decisions out, state in a table."""
+    # Imported here so that importing the rule never imports Faust.
+    from pipeline.streams import DeadLetters, decode_event, decode_telemetry_event, raw_topic
+
+    telemetry_name = settings.topic(topics.TELEMETRY)
+    site_prices_name = settings.topic(topics.SITE_PRICES)
+    source = raw_topic(app, settings, topics.TELEMETRY, topics.SITE_PRICES)
+    decisions_topic = raw_topic(app, settings, topics.DECISIONS)
+    dlq = DeadLetters(app, settings, component=__name__)
+    table = app.Table(
+        f"{settings.app_id}-arbitrage-state",
+        default=None,
+        partitions=settings.partitions,
+        help="Per-site arbitrage state: known prices, pending readings, last decided interval.",
+    )
+    engines = {site.id: SiteArbitrage(site) for site in settings.sites if site.batteries}
+
+    @app.agent(source, name=f"{__name__}.arbitrage")
+    async def arbitrage(stream: Any) -> None:
+        async for event in stream.events():
+            message = event.message
+            site = (message.key or b"").decode("utf-8", "replace")
+            engine = engines.get(site)
+            if message.topic == telemetry_name:
+                batch = await decode_telemetry_event(event, dlq)
+                if batch is None or engine is None:
+                    continue
+                if batch.site != site:
+                    await dlq.reject(
+                        event, f"batch site {batch.site!r} != Kafka key {site!r}", "KeyMismatch"
+                    )
+                    continue
+                state = SiteState.from_json(table.get(site))
+                decisions = engine.on_readings(state, battery_readings(batch))
+            elif message.topic == site_prices_name:
+                tick = await decode_event(PriceTick, event, dlq)
+                if tick is None or engine is None:
+                    continue
+                state = SiteState.from_json(table.get(site))
+                decisions = engine.on_price(state, tick)
+            else:  # pragma: no cover - the channel only has the two topics
+                continue
+            table[site] = state.to_json()
+            for decision in decisions:
+                await decisions_topic.send(key=site.encode(), value=codec.encode(decision))

@@ -1,0 +1,62 @@
+"""Fixtures shared by every test: real servers on free loopback ports, settings per test.
+
+Servers are started once per session and stopped by process id; each test gets
+its own topic prefix (uuid4), so tests share a broker without seeing each other.
+A server that `make test` installs is never skipped: if it is missing, the run fails.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.local import EmbeddedBroker
+from pipeline.settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_CONFIG = REPO / "data" / "sample" / "wattstream.toml"
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker() as broker:
+        yield broker
+
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SettingsFactory:
+    """Settings isolated from the caller's environment, with a unique topic prefix."""
+    for name in list(__import__("os").environ):
+        if name.startswith("WATTSTREAM_"):
+            monkeypatch.delenv(name)
+    prefix = f"t{uuid.uuid4().hex[:12]}."
+
+    def factory(config_file: Path | None = None, **overrides: Any) -> Settings:
+        defaults: dict[str, Any] = {
+            "app_id": f"test-{uuid.uuid4().hex[:12]}",
+            "topic_prefix": prefix,
+            "partitions": 2,
+            "store": "memory",
+            "data_dir": tmp_path / "state",
+        }
+        defaults["influx"] = {"file": tmp_path / "influx.lp", **overrides.pop("influx", {})}
+        return load_settings(config_file, **{**defaults, **overrides})
+
+    return factory
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves threads running (the Faust DirtyTest idea)."""
+    before = set(threading.enumerate())
+    yield
+    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+    assert not leaked, f"test left threads running: {leaked}"

@@ -1,0 +1,237 @@
+"""The threshold rule at its edges, and the reading/price join in any arrival order."""
+
+from __future__ import annotations
+
+import math
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.schemas import Action, BatteryReading, PriceTick
+from pipeline.settings import BatteryConfig, SiteConfig
+from processors.arbitrage import SiteArbitrage, SiteState, decide_threshold
+
+
+def battery(**overrides: object) -> BatteryConfig:
+    values: dict[str, object] = {
+        "device": "b1",
+        "capacity_kwh": 10.0,
+        "max_charge_kw": 5.0,
+        "max_discharge_kw": 4.0,
+        "round_trip_efficiency": 0.81,  # sqrt = 0.9 each way: easy numbers
+        "soc_min_pct": 10.0,
+        "soc_max_pct": 90.0,
+        "reserve_pct": 20.0,
+        "charge_below_price_per_kwh": 0.05,
+        "discharge_above_price_per_kwh": 0.15,
+    }
+    values.update(overrides)
+    return BatteryConfig.model_validate(values)
+
+
+class TestThresholdRule:
+    def test_cheap_price_charges_at_the_rate_limit(self) -> None:
+        setpoint = decide_threshold(battery(), soc_pct=50.0, price_per_kwh=0.02, duration_h=0.5)
+        assert setpoint.action is Action.CHARGE
+        assert setpoint.power_kw == pytest.approx(-5.0)
+        assert setpoint.grid_energy_kwh == pytest.approx(-2.5)
+        # 2.5 kWh bought, 0.9 of it stored in a 10 kWh battery: +22.5 points of SoC.
+        assert setpoint.expected_soc_pct == pytest.approx(72.5)
+        assert setpoint.binding == ("max_charge_kw",)
+
+    def test_dear_price_discharges_at_the_rate_limit(self) -> None:
+        setpoint = decide_threshold(battery(), soc_pct=80.0, price_per_kwh=0.30, duration_h=0.5)
+        assert setpoint.action is Action.DISCHARGE
+        assert setpoint.power_kw == pytest.approx(4.0)
+        assert setpoint.grid_energy_kwh == pytest.approx(2.0)
+        # 2 kWh delivered costs 2/0.9 kWh from the cells: -22.2 points.
+        assert setpoint.expected_soc_pct == pytest.approx(80.0 - 2.0 / 0.9 / 10 * 100)
+        assert setpoint.binding == ("max_discharge_kw",)
+
+    def test_price_between_thresholds_holds(self) -> None:
+        setpoint = decide_threshold(battery(), soc_pct=50.0, price_per_kwh=0.10, duration_h=1.0)
+        assert (setpoint.action, setpoint.power_kw, setpoint.grid_energy_kwh) == (
+            Action.HOLD,
+            0.0,
+            0.0,
+        )
+
+    @pytest.mark.parametrize("price", [0.05, 0.15])
+    def test_a_price_equal_to_a_threshold_holds(self, price: float) -> None:
+        assert decide_threshold(battery(), 50.0, price, 1.0).action is Action.HOLD
+
+    def test_full_battery_does_not_charge(self) -> None:
+        setpoint = decide_threshold(battery(), soc_pct=90.0, price_per_kwh=0.01, duration_h=1.0)
+        assert setpoint.action is Action.HOLD
+        assert setpoint.binding == ("soc_max_pct",)
+        assert "full" in setpoint.reason
+
+    def test_battery_above_its_maximum_does_not_charge(self) -> None:
+        assert decide_threshold(battery(), 97.0, 0.01, 1.0).action is Action.HOLD
+
+    def test_empty_battery_does_not_discharge(self) -> None:
+        setpoint = decide_threshold(battery(), soc_pct=20.0, price_per_kwh=0.50, duration_h=1.0)
+        assert setpoint.action is Action.HOLD
+        assert setpoint.binding == ("reserve_pct",)
+
+    def test_battery_below_its_minimum_still_charges(self) -> None:
+        # A real battery can report a SoC under its configured minimum: no error, just charge.
+        setpoint = decide_threshold(battery(), soc_pct=3.0, price_per_kwh=0.01, duration_h=1.0)
+        assert setpoint.action is Action.CHARGE
+
+    def test_headroom_limits_charge_below_the_rate(self) -> None:
+        # 2 kWh of headroom stores from 2/0.9 kWh bought over 1 h: 2.22 kW < 5 kW.
+        setpoint = decide_threshold(battery(), soc_pct=70.0, price_per_kwh=0.01, duration_h=1.0)
+        assert setpoint.power_kw == pytest.approx(-2.0 / 0.9)
+        assert setpoint.expected_soc_pct == pytest.approx(90.0)
+        assert setpoint.binding == ("soc_max_pct",)
+
+    def test_reserve_limits_discharge(self) -> None:
+        # 1 kWh above the 20 % reserve delivers 0.9 kWh over 1 h.
+        setpoint = decide_threshold(battery(), soc_pct=30.0, price_per_kwh=0.50, duration_h=1.0)
+        assert setpoint.power_kw == pytest.approx(0.9)
+        assert setpoint.expected_soc_pct == pytest.approx(20.0)
+        assert setpoint.binding == ("reserve_pct",)
+
+    def test_soc_min_binds_when_the_reserve_is_lower(self) -> None:
+        setpoint = decide_threshold(battery(reserve_pct=0.0), 10.0, 0.50, 1.0)
+        assert setpoint.action is Action.HOLD
+        assert setpoint.binding == ("soc_min_pct",)
+
+    def test_negative_price_charges_and_earns(self) -> None:
+        setpoint = decide_threshold(battery(), soc_pct=50.0, price_per_kwh=-0.03, duration_h=1.0)
+        assert setpoint.action is Action.CHARGE
+        # Buying at a negative price is income: energy < 0 times price < 0.
+        assert setpoint.grid_energy_kwh * -0.03 > 0
+
+    def test_lower_efficiency_stores_less(self) -> None:
+        lossy = decide_threshold(battery(round_trip_efficiency=0.64), 50.0, 0.01, 0.5)
+        lossless = decide_threshold(battery(round_trip_efficiency=1.0), 50.0, 0.01, 0.5)
+        assert lossy.grid_energy_kwh == lossless.grid_energy_kwh
+        assert lossy.expected_soc_pct == pytest.approx(50.0 + 2.5 * 0.8 * 10)
+        assert lossless.expected_soc_pct == pytest.approx(75.0)
+
+    def test_non_positive_duration_is_an_error(self) -> None:
+        with pytest.raises(ValueError, match="duration_h"):
+            decide_threshold(battery(), 50.0, 0.01, 0.0)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        soc=st.floats(0.0, 100.0),
+        price=st.floats(-1.0, 5.0),
+        duration_h=st.floats(1 / 60, 1.0),
+        efficiency=st.floats(0.5, 1.0),
+    )
+    def test_limits_always_hold(
+        self, soc: float, price: float, duration_h: float, efficiency: float
+    ) -> None:
+        spec = battery(round_trip_efficiency=efficiency)
+        setpoint = decide_threshold(spec, soc, price, duration_h)
+        assert -spec.max_charge_kw - 1e-9 <= setpoint.power_kw <= spec.max_discharge_kw + 1e-9
+        assert math.isclose(setpoint.grid_energy_kwh, setpoint.power_kw * duration_h, abs_tol=1e-9)
+        if setpoint.action is Action.CHARGE:
+            assert setpoint.expected_soc_pct <= spec.soc_max_pct + 1e-9
+        if setpoint.action is Action.DISCHARGE:
+            assert setpoint.expected_soc_pct >= max(spec.soc_min_pct, spec.reserve_pct) - 1e-9
+
+
+T0 = datetime(2025, 4, 7, tzinfo=UTC)
+SITE = SiteConfig(id="s1", market="M", batteries=[battery()])
+
+
+def reading(minute: int, soc: float, device: str = "b1") -> BatteryReading:
+    return BatteryReading(
+        device=device, ts=T0 + timedelta(minutes=minute), power_kw=0.0, soc_pct=soc
+    )
+
+
+def tick(hour: int, price: float) -> PriceTick:
+    start = T0 + timedelta(hours=hour)
+    return PriceTick(market="M", start=start, end=start + timedelta(hours=1), price_per_kwh=price)
+
+
+class TestSiteJoin:
+    def test_one_decision_per_interval_from_its_first_reading(self) -> None:
+        engine, state = SiteArbitrage(SITE), SiteState()
+        engine.on_price(state, tick(0, 0.01))
+        decisions = engine.on_readings(state, [reading(m, 50.0 + m / 10) for m in range(0, 60, 5)])
+        assert len(decisions) == 1
+        decision = decisions[0]
+        assert decision.action is Action.CHARGE
+        assert decision.soc_pct == 50.0
+        assert decision.decided_at == T0
+        assert decision.valid_from == T0 and decision.valid_until == T0 + timedelta(hours=1)
+        assert decision.expected_revenue == pytest.approx(decision.grid_energy_kwh * 0.01)
+
+    def test_a_reading_inside_the_interval_decides_for_the_rest_of_it(self) -> None:
+        engine, state = SiteArbitrage(SITE), SiteState()
+        engine.on_price(state, tick(0, 0.01))
+        (decision,) = engine.on_readings(state, [reading(30, 50.0)])
+        assert decision.grid_energy_kwh == pytest.approx(-5.0 * 0.5)
+
+    def test_readings_wait_for_their_price(self) -> None:
+        engine, state = SiteArbitrage(SITE), SiteState()
+        assert engine.on_readings(state, [reading(0, 40.0), reading(61, 60.0)]) == []
+        first = engine.on_price(state, tick(0, 0.30))
+        assert [d.soc_pct for d in first] == [40.0]
+        second = engine.on_price(state, tick(1, 0.01))
+        assert [(d.soc_pct, d.action) for d in second] == [(60.0, Action.CHARGE)]
+        assert state.batteries["b1"].unpriced == []
+
+    def test_unknown_batteries_are_ignored(self) -> None:
+        engine, state = SiteArbitrage(SITE), SiteState()
+        engine.on_price(state, tick(0, 0.01))
+        assert engine.on_readings(state, [reading(0, 50.0, device="other")]) == []
+
+    def test_decision_ids_are_deterministic(self) -> None:
+        runs = []
+        for _ in range(2):
+            engine, state = SiteArbitrage(SITE), SiteState()
+            engine.on_price(state, tick(0, 0.01))
+            runs.append(engine.on_readings(state, [reading(0, 50.0)])[0].decision_id)
+        assert runs[0] == runs[1]
+
+    def test_state_survives_a_json_round_trip(self) -> None:
+        engine, state = SiteArbitrage(SITE), SiteState()
+        engine.on_readings(state, [reading(0, 40.0)])
+        engine.on_price(state, tick(1, 0.2))
+        restored = SiteState.from_json(state.to_json())
+        assert restored == state
+        assert [d.soc_pct for d in engine.on_price(restored, tick(0, 0.3))] == [40.0]
+
+    def test_unpriced_readings_are_bounded(self) -> None:
+        engine, state = SiteArbitrage(SITE), SiteState()
+        engine.on_readings(state, [reading(m, 50.0) for m in range(0, 72 * 60, 60)])
+        kept = state.batteries["b1"].unpriced
+        assert len(kept) == 49  # readings within the last 48 h (both ends included)
+        assert state.dropped_unpriced == 72 - 49
+
+    @settings(max_examples=50, deadline=None)
+    @given(seed=st.integers(0, 10_000))
+    def test_arrival_order_does_not_change_the_decisions(self, seed: int) -> None:
+        """Prices and readings arrive on two topics: any interleaving gives the same decisions."""
+        rng = random.Random(seed)
+        readings = [reading(m, 20.0 + (m % 700) / 10) for m in range(0, 12 * 60, 7)]
+        ticks = [tick(h, rng.choice([-0.02, 0.01, 0.10, 0.20, 0.40])) for h in range(12)]
+        chunks = [readings[i : i + rng.randint(1, 20)] for i in range(0, len(readings), 20)]
+        reference_engine, reference_state = SiteArbitrage(SITE), SiteState()
+        for t in ticks:
+            reference_engine.on_price(reference_state, t)
+        expected = [
+            d for chunk in chunks for d in reference_engine.on_readings(reference_state, chunk)
+        ]
+
+        # Interleave the two streams at random, each keeping its own order.
+        engine, state = SiteArbitrage(SITE), SiteState()
+        got = []
+        p_queue, r_queue = list(ticks), list(chunks)
+        while p_queue or r_queue:
+            take_price = p_queue and (not r_queue or rng.random() < 0.5)
+            if take_price:
+                got.extend(engine.on_price(state, p_queue.pop(0)))
+            else:
+                got.extend(engine.on_readings(state, r_queue.pop(0)))
+        assert sorted(got, key=lambda d: d.valid_from) == expected
