@@ -100,7 +100,9 @@ def demo(obj: Context, telemetry: Path, prices: Path, as_json: bool) -> None:
     settings = obj.settings()
     _setup_logging(settings.log_level, file=Path("out/demo.log"))
     if not as_json:
-        click.echo(f"wattstream demo: {telemetry.name} + {prices.name} -> {influx_target(settings)}")
+        click.echo(
+            f"wattstream demo: {telemetry.name} + {prices.name} -> {influx_target(settings)}"
+        )
         click.echo("logs: out/demo.log")
     with DemoProgress(enabled=not as_json) as progress:
         result = run_demo(settings, telemetry, prices, on_progress=progress.update)
@@ -140,8 +142,12 @@ def worker(obj: Context) -> None:
             click.echo(f"wattstream: {error}", err=True)
             sys.exit(1)
         app = create_app(settings, with_sinks=True)
-        log.info("worker %s starting: broker %s", settings.app_id, kafka.bootstrap_servers(settings))
-        Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False).execute_from_commandline()
+        log.info(
+            "worker %s starting: broker %s", settings.app_id, kafka.bootstrap_servers(settings)
+        )
+        Worker(
+            app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False
+        ).execute_from_commandline()
     finally:
         if broker is not None:
             broker.stop()
@@ -163,7 +169,10 @@ def broker(port: int) -> None:
     from pipeline.local import EmbeddedBroker
 
     with EmbeddedBroker(port=port) as embedded:
-        click.echo(f"embedded broker listening on {embedded.bootstrap} (pid {embedded.pid}); Ctrl-C stops it")
+        click.echo(
+            f"embedded broker listening on {embedded.bootstrap} (pid {embedded.pid}); "
+            "Ctrl-C stops it"
+        )
         click.echo(f"use it with: export WATTSTREAM_BROKER={embedded.bootstrap}")
         stop = asyncio.Event()
 
@@ -192,14 +201,23 @@ def _speed(value: str) -> float | None:
 
 
 @main.command()
-@click.argument("telemetry", type=click.Path(path_type=Path, exists=True, dir_okay=False), required=False)
+@click.argument(
+    "telemetry", type=click.Path(path_type=Path, exists=True, dir_okay=False), required=False
+)
 @click.option("--prices", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--market", help="Market of the price file when it has no market column.")
-@click.option("--speed", default="max", show_default=True, help="Event-time speed-up factor, or 'max'.")
+@click.option(
+    "--speed", default="max", show_default=True, help="Event-time speed-up factor, or 'max'."
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def replay(
-    obj: Context, telemetry: Path | None, prices: Path | None, market: str | None, speed: str, as_json: bool
+    obj: Context,
+    telemetry: Path | None,
+    prices: Path | None,
+    market: str | None,
+    speed: str,
+    as_json: bool,
 ) -> None:
     """Replay a telemetry file (and a price file) into the configured broker."""
     from ingest.replay import Replay, ReplayFileError

@@ -145,7 +145,10 @@ async def run_pipeline(
         await app.stop()
 
     report("summarising")
-    decisions = [codec.decode(Decision, value) for _, value in await kafka.read_all(settings, topics.DECISIONS)]
+    decisions = [
+        codec.decode(Decision, value)
+        for _, value in await kafka.read_all(settings, topics.DECISIONS)
+    ]
     dead_letters = len(await kafka.read_all(settings, topics.DEAD_LETTERS))
     return DemoResult(
         summary=summarize(decisions),

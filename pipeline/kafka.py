@@ -184,20 +184,24 @@ async def _partitions(probe: AIOKafkaConsumer, name: str) -> set[int]:
 
 
 async def group_lag(settings: Settings, group: str, topic_names: Iterable[str]) -> GroupLag:
-    """Committed offsets of a consumer group against the topics' end offsets."""
+    """Committed offsets of a consumer group against the topics' end offsets.
+
+    Reads the commits through a consumer of the group that never subscribes (so
+    it does not join or disturb the group): aiokafka's admin OffsetFetch cannot
+    decode the embedded broker's answer, the consumer's request can.
+    """
     names = list(topic_names)
     ends = await end_offsets(settings, names)
-    admin = AIOKafkaAdminClient(**client_kwargs(settings))
-    await admin.start()
+    reader = consumer(settings, group_id=group)
+    await reader.start()
     try:
-        committed_raw = await admin.list_consumer_group_offsets(group)
+        committed = {}
+        for tp in ends:
+            offset = await reader.committed(tp)
+            if offset is not None and offset >= 0:
+                committed[tp] = offset
     finally:
-        await admin.close()
-    committed = {
-        tp: meta.offset
-        for tp, meta in committed_raw.items()
-        if tp.topic in names and meta.offset >= 0
-    }
+        await reader.stop()
     return GroupLag(group=group, committed=committed, end=ends)
 
 

@@ -59,7 +59,15 @@ class DemoProgress:
 def print_demo_result(result: DemoResult) -> None:
     summary = result.summary
     table = Table(title="Arbitrage decisions (threshold strategy)", title_justify="left")
-    for column in ("site", "decisions", "CHARGE", "DISCHARGE", "HOLD", "charged kWh", "discharged kWh"):
+    for column in (
+        "site",
+        "decisions",
+        "CHARGE",
+        "DISCHARGE",
+        "HOLD",
+        "charged kWh",
+        "discharged kWh",
+    ):
         table.add_column(column, justify="right" if column != "site" else "left")
     table.add_column(f"revenue {summary.currency}", justify="right")
     for site, per_site in sorted(summary.by_site.items()):

@@ -1,0 +1,137 @@
+"""The arbitrage and price fan-out agents on the real embedded broker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import orjson
+import pytest
+
+from ingest.replay import Replay
+from pipeline import codec, kafka, topics
+from pipeline.app import create_app
+from pipeline.local import EmbeddedBroker
+from pipeline.schemas import DeadLetter, Decision, PriceTick
+from pipeline.settings import Settings
+from processors.arbitrage import SiteArbitrage, SiteState, battery_readings
+from tests.conftest import SettingsFactory
+
+pytestmark = pytest.mark.integration
+
+SITES = [
+    {
+        "id": f"site-{n}",
+        "market": "M",
+        "batteries": [
+            {
+                "device": "bat",
+                "capacity_kwh": 10.0 * (n + 1),
+                "max_charge_kw": 5.0,
+                "max_discharge_kw": 5.0,
+                "charge_below_price_per_kwh": 0.08,
+                "discharge_above_price_per_kwh": 0.15,
+            }
+        ],
+    }
+    for n in range(3)
+]
+START = datetime(2025, 4, 7, tzinfo=UTC)
+HOURS = 12
+
+
+def write_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    telemetry = ["time,site,device,kind,power_kw,soc_pct"]
+    for minute in range(0, HOURS * 60, 5):
+        ts = (START + timedelta(minutes=minute)).isoformat()
+        for n in range(3):
+            soc = 15 + (minute * (n + 1) // 5) % 80
+            telemetry.append(f"{ts},site-{n},bat,battery,0.5,{soc}")
+            telemetry.append(f"{ts},site-{n},meter,meter,1.5,")
+    prices = ["time,market,price_per_kwh,published_at"]
+    for hour in range(HOURS):
+        price = [0.05, 0.10, 0.20, -0.01][hour % 4]
+        prices.append(
+            f"{(START + timedelta(hours=hour)).isoformat()},M,{price},{START.isoformat()}"
+        )
+    (tmp_path / "t.csv").write_text("\n".join(telemetry) + "\n")
+    (tmp_path / "p.csv").write_text("\n".join(prices) + "\n")
+    return tmp_path / "t.csv", tmp_path / "p.csv"
+
+
+def expected_decisions(settings: Settings, telemetry: Path, prices: Path) -> list[Decision]:
+    """The rule applied straight to the files, with no broker."""
+    from ingest.replay import read_prices, read_telemetry, site_batches
+
+    frame, _ = read_telemetry(telemetry)
+    ticks: list[PriceTick] = read_prices(prices)
+    out = []
+    for site in settings.sites:
+        engine, state = SiteArbitrage(site), SiteState()
+        for t in ticks:
+            engine.on_price(state, t)
+        site_frame = frame.filter(frame["site"] == site.id)
+        for batches in site_batches(site_frame, "x", settings.replay):
+            for batch, _ in batches:
+                assert batch is not None
+                decoded = codec.decode_telemetry(batch.value)[0]
+                assert decoded is not None
+                out.extend(engine.on_readings(state, battery_readings(decoded)))
+    return out
+
+
+async def test_replay_through_agents_gives_the_rule_decisions_and_dead_letters_bad_input(
+    kafka_broker: EmbeddedBroker, make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        broker=kafka_broker.bootstrap,
+        sites=SITES,
+        kafka={"one_record_per_batch": True},
+        replay={"batch_max_readings": 50},
+    )
+    telemetry, prices = write_inputs(tmp_path)
+    await kafka.ensure_topics(settings)
+    app = create_app(settings)
+    await app.start()
+    try:
+        # A malformed record straight onto the telemetry topic, between good ones.
+        producer = kafka.producer(settings)
+        await producer.start()
+        await producer.send_and_wait(
+            settings.topic(topics.TELEMETRY), b'{"site": "site-0", "readings": [', key=b"site-0"
+        )
+        await producer.stop()
+        stats = await Replay(settings, telemetry, prices).run()
+        assert stats.readings_sent == HOURS * 12 * 6
+        await kafka.wait_until_drained(
+            settings,
+            {
+                settings.app_id: [
+                    settings.topic(topics.TELEMETRY),
+                    settings.topic(topics.SITE_PRICES),
+                    settings.topic(topics.PRICES),
+                ]
+            },
+            timeout_s=60,
+        )
+    finally:
+        await app.stop()
+
+    decoded: Callable[[bytes], Decision] = lambda raw: codec.decode(Decision, raw)  # noqa: E731
+    got = [decoded(v) for _, v in await kafka.read_all(settings, topics.DECISIONS)]
+    expected = expected_decisions(settings, telemetry, prices)
+    assert len(expected) == 3 * HOURS
+    key = lambda d: (d.site, d.valid_from)  # noqa: E731
+    assert sorted(got, key=key) == sorted(expected, key=key)
+    assert {d.action.value for d in got} == {"CHARGE", "DISCHARGE", "HOLD"}
+
+    letters = [
+        codec.decode(DeadLetter, v) for _, v in await kafka.read_all(settings, topics.DEAD_LETTERS)
+    ]
+    assert len(letters) == 1
+    assert letters[0].error_type == "JSONDecodeError"
+    assert letters[0].raw == '{"site": "site-0", "readings": ['
+    assert letters[0].source_topic == settings.topic(topics.TELEMETRY)
+    assert letters[0].component == "processors.arbitrage"
+    assert orjson.loads(codec.encode(letters[0]))["reason"].startswith("not JSON")
