@@ -10,10 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 import faust
+import mode
 
 from pipeline import kafka
 from pipeline.settings import Settings
 from processors import arbitrage, prices
+from sinks.influx import InfluxSink
 
 
 def faust_config(settings: Settings) -> dict[str, Any]:
@@ -61,8 +63,29 @@ def _credentials(settings: Settings) -> object:
     return faust.SSLCredentials(client["ssl_context"])
 
 
-def create_app(settings: Settings) -> faust.App:
+class SinkService(mode.Service):
+    """Runs a sink beside the agents of a worker, and stops it (final flush) with the worker."""
+
+    def __init__(self, sink: InfluxSink, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sink = sink
+
+    async def on_start(self) -> None:
+        await self.sink.start()
+        self.add_future(self.sink.run())
+
+    async def on_stop(self) -> None:
+        await self.sink.stop()
+
+
+def create_app(settings: Settings, *, with_sinks: bool = False) -> faust.App:
+    """The Faust app with every processor; ``with_sinks`` also runs the InfluxDB sink in it."""
+    # Faust creates its data directory without parents; a worker started outside
+    # the repository would crash on "out/state".
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(settings.app_id, **faust_config(settings))
     prices.register(app, settings)
     arbitrage.register(app, settings)
+    if with_sinks:
+        app.service(SinkService(InfluxSink(settings)))  # type: ignore[arg-type]
     return app

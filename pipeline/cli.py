@@ -138,7 +138,7 @@ def worker(obj: Context) -> None:
     try:
         try:
             asyncio.run(_prepare_broker(settings))
-        except ConnectionError as error:
+        except (ConnectionError, kafka.TopicMismatchError) as error:
             click.echo(f"wattstream: {error}", err=True)
             sys.exit(1)
         app = create_app(settings, with_sinks=True)
@@ -242,7 +242,7 @@ def replay(
 
     try:
         stats = asyncio.run(run())
-    except (ReplayFileError, ConnectionError) as error:
+    except (ReplayFileError, ConnectionError, kafka.TopicMismatchError) as error:
         click.echo(f"wattstream: {error}", err=True)
         sys.exit(1)
     result = {

@@ -98,13 +98,20 @@ async def ensure_topics(
 ) -> list[str]:
     """Create every topic with its partitions and retention; existing ones are kept.
 
-    Topics must exist with the right partition count before Faust starts, or it
-    fails with PartitionsMismatch against its changelogs. Returns the names created.
+    Topics must exist with the right partition count before Faust starts, or its
+    agents crash later with PartitionsMismatch against their changelogs, while the
+    worker keeps running. So an existing topic with another partition count stops
+    start-up here with a :class:`TopicMismatchError` naming the setting.
+    Returns the names created.
     """
+    specs = list(specs)
     admin = AIOKafkaAdminClient(**client_kwargs(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        await _check_partitions(
+            admin, settings, [s for s in specs if settings.topic(s) in existing]
+        )
         new = [
             NewTopic(
                 name=settings.topic(spec),
@@ -123,6 +130,34 @@ async def ensure_topics(
         return [topic.name for topic in new]
     finally:
         await admin.close()
+
+
+class TopicMismatchError(RuntimeError):
+    """An existing topic does not match the settings; retrying will not help."""
+
+    retriable = False
+
+
+async def _check_partitions(
+    admin: AIOKafkaAdminClient, settings: Settings, specs: list[topics.TopicSpec]
+) -> None:
+    if not specs:
+        return
+    described = await admin.describe_topics([settings.topic(spec) for spec in specs])
+    actual = {topic["topic"]: len(topic["partitions"]) for topic in described}
+    wrong = [
+        f"{settings.topic(spec)} has {actual.get(settings.topic(spec))} partitions, "
+        f"expected {spec.partition_count(settings.partitions)}"
+        for spec in specs
+        if actual.get(settings.topic(spec)) != spec.partition_count(settings.partitions)
+    ]
+    if wrong:
+        raise TopicMismatchError(
+            "existing topics do not match the settings: "
+            + "; ".join(wrong)
+            + ". Site-keyed topics take `partitions` (WATTSTREAM_PARTITIONS), which must "
+            "equal the count the topics were created with (or use a new topic_prefix)."
+        )
 
 
 async def wait_for_broker(settings: Settings, timeout_s: float = 30.0) -> None:

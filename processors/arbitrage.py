@@ -54,9 +54,14 @@ log = logging.getLogger(__name__)
 STRATEGY = "threshold"
 # Below this a setpoint is noise (and would flip an action on rounding): HOLD instead.
 MIN_POWER_KW = 1e-6
-# Readings whose price has not arrived are kept this long (event time) before they
-# are given up; day-ahead prices arrive 11-35 h before delivery, so 48 h is ample.
-UNPRICED_HORIZON_MS = 48 * 3600 * 1000
+# Readings whose price has not arrived yet wait in state, compacted to the first
+# reading of each 5-minute UTC bucket. That is lossless for every interval that
+# starts on a 5-minute boundary (5, 15, 30 and 60-minute markets all do): the
+# first reading of such an interval is the first reading of one of its buckets.
+UNPRICED_BUCKET_MS = 5 * 60 * 1000
+# At most 31 days of buckets per battery wait; a replay at full speed can run a
+# long way ahead of the price fan-out, and decisions must not depend on that.
+MAX_UNPRICED = 31 * 24 * 12
 # Known prices older than this behind the newest reading are pruned from state.
 PRICE_HORIZON_MS = 48 * 3600 * 1000
 
@@ -251,7 +256,7 @@ class SiteArbitrage:
             battery_state = state.batteries.setdefault(reading.device, BatteryState())
             interval = state.interval_at(ts_ms)
             if interval is None:
-                battery_state.unpriced.append((ts_ms, reading.soc_pct))
+                self._wait_for_price(state, battery_state, ts_ms, reading.soc_pct)
                 continue
             decision = self._decide(battery, battery_state, interval, ts_ms, reading.soc_pct)
             if decision is not None:
@@ -319,15 +324,23 @@ class SiteArbitrage:
             binding=list(setpoint.binding),
         )
 
+    @staticmethod
+    def _wait_for_price(
+        state: SiteState, battery_state: BatteryState, ts_ms: int, soc_pct: float
+    ) -> None:
+        waiting = battery_state.unpriced
+        if waiting and waiting[-1][0] // UNPRICED_BUCKET_MS == ts_ms // UNPRICED_BUCKET_MS:
+            return  # not the first reading of its bucket: it can never be an interval's first
+        waiting.append((ts_ms, soc_pct))
+        if len(waiting) > MAX_UNPRICED:
+            del waiting[0]
+            state.dropped_unpriced += 1
+
     def _prune(self, state: SiteState) -> None:
         newest = state.newest_reading_ms
         if newest is None:
             return
         state.intervals = [i for i in state.intervals if i.end_ms >= newest - PRICE_HORIZON_MS]
-        for battery_state in state.batteries.values():
-            kept = [(t, s) for t, s in battery_state.unpriced if t >= newest - UNPRICED_HORIZON_MS]
-            state.dropped_unpriced += len(battery_state.unpriced) - len(kept)
-            battery_state.unpriced = kept
 
 
 def battery_readings(batch: TelemetryBatch) -> list[BatteryReading]:

@@ -60,3 +60,25 @@ def _no_leaked_threads() -> Iterator[None]:
     yield
     leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
     assert not leaked, f"test left threads running: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def influxdb() -> Iterator[Any]:
+    """A real InfluxDB 1.6.7 (Debian `influxdb`), v1 API."""
+    from tests.servers import InfluxDB1
+
+    server = InfluxDB1()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def victoria_metrics() -> Iterator[Any]:
+    """A real VictoriaMetrics (Debian `victoria-metrics`): the InfluxDB v2 write API."""
+    from tests.servers import VictoriaMetrics
+
+    server = VictoriaMetrics()
+    server.start()
+    yield server
+    server.close()

@@ -13,10 +13,9 @@ from ingest.replay import Replay
 from pipeline import codec, kafka, topics
 from pipeline.app import create_app
 from pipeline.local import EmbeddedBroker
-from pipeline.schemas import DeadLetter, Decision, PriceTick
-from pipeline.settings import Settings
-from processors.arbitrage import SiteArbitrage, SiteState, battery_readings
+from pipeline.schemas import DeadLetter, Decision
 from tests.conftest import SettingsFactory
+from tests.expectations import expected_decisions
 
 pytestmark = pytest.mark.integration
 
@@ -58,27 +57,6 @@ def write_inputs(tmp_path: Path) -> tuple[Path, Path]:
     (tmp_path / "t.csv").write_text("\n".join(telemetry) + "\n")
     (tmp_path / "p.csv").write_text("\n".join(prices) + "\n")
     return tmp_path / "t.csv", tmp_path / "p.csv"
-
-
-def expected_decisions(settings: Settings, telemetry: Path, prices: Path) -> list[Decision]:
-    """The rule applied straight to the files, with no broker."""
-    from ingest.replay import read_prices, read_telemetry, site_batches
-
-    frame, _ = read_telemetry(telemetry)
-    ticks: list[PriceTick] = read_prices(prices)
-    out = []
-    for site in settings.sites:
-        engine, state = SiteArbitrage(site), SiteState()
-        for t in ticks:
-            engine.on_price(state, t)
-        site_frame = frame.filter(frame["site"] == site.id)
-        for batches in site_batches(site_frame, "x", settings.replay):
-            for batch, _ in batches:
-                assert batch is not None
-                decoded = codec.decode_telemetry(batch.value)[0]
-                assert decoded is not None
-                out.extend(engine.on_readings(state, battery_readings(decoded)))
-    return out
 
 
 async def test_replay_through_agents_gives_the_rule_decisions_and_dead_letters_bad_input(

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pipeline.schemas import Action, BatteryReading, PriceTick
 from pipeline.settings import BatteryConfig, SiteConfig
-from processors.arbitrage import SiteArbitrage, SiteState, decide_threshold
+from processors.arbitrage import MAX_UNPRICED, SiteArbitrage, SiteState, decide_threshold
 
 
 def battery(**overrides: object) -> BatteryConfig:
@@ -202,12 +202,20 @@ class TestSiteJoin:
         assert restored == state
         assert [d.soc_pct for d in engine.on_price(restored, tick(0, 0.3))] == [40.0]
 
-    def test_unpriced_readings_are_bounded(self) -> None:
+    def test_waiting_readings_keep_the_first_of_each_5_minute_bucket(self) -> None:
         engine, state = SiteArbitrage(SITE), SiteState()
-        engine.on_readings(state, [reading(m, 50.0) for m in range(0, 72 * 60, 60)])
-        kept = state.batteries["b1"].unpriced
-        assert len(kept) == 49  # readings within the last 48 h (both ends included)
-        assert state.dropped_unpriced == 72 - 49
+        engine.on_readings(state, [reading(m, 50.0 + m) for m in range(12)])
+        assert [soc for _, soc in state.batteries["b1"].unpriced] == [50.0, 55.0, 60.0]
+
+    def test_waiting_readings_are_bounded_by_count_not_by_event_time(self) -> None:
+        engine, state = SiteArbitrage(SITE), SiteState()
+        days = 40
+        engine.on_readings(state, [reading(m, 50.0) for m in range(0, days * 24 * 60, 5)])
+        assert len(state.batteries["b1"].unpriced) == MAX_UNPRICED
+        assert state.dropped_unpriced == days * 24 * 12 - MAX_UNPRICED
+        # A price for a day long past still decides, however far ahead the readings ran.
+        (decision,) = engine.on_price(state, tick(24 * 20, 0.01))
+        assert decision.valid_from == T0 + timedelta(days=20)
 
     @settings(max_examples=50, deadline=None)
     @given(seed=st.integers(0, 10_000))

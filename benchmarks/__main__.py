@@ -1,0 +1,143 @@
+"""``python -m benchmarks``: measure the foundation's hot paths on this machine.
+
+Each figure is a median over repeats. The broker figures use the embedded
+broker on loopback, so they measure wattstream plus tansu on this machine,
+not a production cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from ingest.replay import Replay, read_telemetry, site_batches
+from pipeline import kafka
+from pipeline.local import EmbeddedBroker, with_embedded_broker
+from pipeline.schemas import BatteryReading, PriceTick
+from pipeline.settings import BatteryConfig, ReplaySettings, SiteConfig, load_settings
+from processors.arbitrage import SiteArbitrage, SiteState, decide_threshold
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "data" / "sample"
+
+
+def median_seconds(function: Callable[[], object], repeats: int = 7) -> float:
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
+
+
+def bench_rule() -> dict[str, float]:
+    battery = BatteryConfig(
+        device="b",
+        capacity_kwh=10,
+        max_charge_kw=5,
+        max_discharge_kw=5,
+        charge_below_price_per_kwh=0.05,
+        discharge_above_price_per_kwh=0.15,
+    )
+    calls = 100_000
+    elapsed = median_seconds(
+        lambda: [decide_threshold(battery, 50.0, (i % 20) / 100, 1.0) for i in range(calls)]
+    )
+    site = SiteConfig(id="s", market="M", batteries=[battery])
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    batches = [
+        [
+            BatteryReading(
+                device="b", ts=start + timedelta(minutes=60 * h + m), power_kw=0.0, soc_pct=50
+            )
+            for m in range(60)
+        ]
+        for h in range(200)
+    ]
+    ticks = [
+        PriceTick(
+            market="M",
+            start=start + timedelta(hours=h),
+            end=start + timedelta(hours=h + 1),
+            price_per_kwh=(h % 10) / 50,
+        )
+        for h in range(200)
+    ]
+
+    def run_batches() -> list[float]:
+        engine, state = SiteArbitrage(site), SiteState()
+        per_batch = []
+        for tick, batch in zip(ticks, batches, strict=True):
+            engine.on_price(state, tick)
+            began = time.perf_counter()
+            engine.on_readings(state, batch)
+            SiteState.from_json(state.to_json())  # what the agent pays to read/write its table
+            per_batch.append(time.perf_counter() - began)
+        return per_batch
+
+    per_batch = run_batches()
+    return {
+        "rule_decisions_per_s": calls / elapsed,
+        "decision_time_per_batch_median_ms": statistics.median(per_batch) * 1000,
+    }
+
+
+def bench_replay_encode() -> dict[str, float]:
+    path = SAMPLE / "telemetry.parquet"
+    frame, _ = read_telemetry(path)
+
+    def encode_all() -> int:
+        return sum(
+            batch.readings
+            for batches in site_batches(frame, "bench", ReplaySettings())
+            for batch, _ in batches
+            if batch
+        )
+
+    readings = encode_all()
+    elapsed = median_seconds(encode_all, repeats=3)
+    return {"replay_encode_readings_per_s": readings / elapsed}
+
+
+async def _replay_into_broker(settings_file: Path, broker: EmbeddedBroker) -> float:
+    settings = with_embedded_broker(
+        load_settings(settings_file, topic_prefix=f"bench-{uuid.uuid4().hex[:8]}."), broker
+    )
+    await kafka.ensure_topics(settings)
+    stats = await Replay(settings, SAMPLE / "telemetry.parquet", SAMPLE / "prices.csv").run()
+    return stats.readings_sent / stats.elapsed_s
+
+
+def bench_replay_broker() -> dict[str, float]:
+    with EmbeddedBroker() as broker:
+        rates = [
+            asyncio.run(_replay_into_broker(SAMPLE / "wattstream.toml", broker)) for _ in range(3)
+        ]
+    return {"replay_into_broker_readings_per_s": statistics.median(rates)}
+
+
+def main() -> None:
+    results: dict[str, float] = {}
+    for bench in (bench_rule, bench_replay_encode, bench_replay_broker):
+        results.update(bench())
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    width = max(len(k) for k in results)
+    print(f"wattstream benchmarks ({machine})")
+    print("-" * (width + 18))
+    for name, value in results.items():
+        print(f"{name:<{width}}  {value:>14,.2f}")
+    (REPO / "bench-results.json").write_text(
+        json.dumps({"machine": machine, **results}, indent=2) + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
