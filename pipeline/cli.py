@@ -188,7 +188,8 @@ def broker(port: int) -> None:
 # --- replay -----------------------------------------------------------------------------
 
 
-def _speed(value: str) -> float | None:
+def _speed(_ctx: click.Context, _param: click.Parameter, value: str) -> float | None:
+    """Parse --speed before anything connects: a typo must not wait for a broker first."""
     if value == "max":
         return None
     try:
@@ -207,7 +208,11 @@ def _speed(value: str) -> float | None:
 @click.option("--prices", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--market", help="Market of the price file when it has no market column.")
 @click.option(
-    "--speed", default="max", show_default=True, help="Event-time speed-up factor, or 'max'."
+    "--speed",
+    default="max",
+    show_default=True,
+    callback=_speed,
+    help="Event-time speed-up factor, or 'max'.",
 )
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
@@ -216,7 +221,7 @@ def replay(
     telemetry: Path | None,
     prices: Path | None,
     market: str | None,
-    speed: str,
+    speed: float | None,
     as_json: bool,
 ) -> None:
     """Replay a telemetry file (and a price file) into the configured broker."""
@@ -238,7 +243,7 @@ def replay(
     async def run() -> Any:
         await kafka.wait_for_broker(settings)
         await kafka.ensure_topics(settings)
-        return await Replay(settings, telemetry, prices, market=market, speed=_speed(speed)).run()
+        return await Replay(settings, telemetry, prices, market=market, speed=speed).run()
 
     try:
         stats = asyncio.run(run())

@@ -166,26 +166,41 @@ async def wait_for_broker(settings: Settings, timeout_s: float = 30.0) -> None:
     Raises ConnectionError with the address tried, never a stack trace of
     retries, when it does not answer in time.
     """
+    # aiokafka logs every failed connect as an ERROR; while we wait, the one
+    # clear message below is what the operator needs.
+    aiokafka_log = logging.getLogger("aiokafka")
+    level = aiokafka_log.level
+    aiokafka_log.setLevel(logging.CRITICAL)
+    try:
+        last_error = await _probe_until_answered(settings, timeout_s)
+    finally:
+        aiokafka_log.setLevel(level)
+    if last_error is not None:
+        raise ConnectionError(
+            f"Kafka broker {bootstrap_servers(settings)!r} did not answer within "
+            f"{timeout_s:.0f} s ({last_error}); check WATTSTREAM_BROKER"
+        )
+
+
+async def _probe_until_answered(settings: Settings, timeout_s: float) -> Exception | None:
+    """None once the broker answers; the last error if it never did in ``timeout_s``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     delay_s = 0.1
-    last_error: Exception | None = None
+    last_error: Exception = TimeoutError("no attempt finished")
     while loop.time() < deadline:
         admin = AIOKafkaAdminClient(**client_kwargs(settings), request_timeout_ms=5000)
         try:
             await admin.start()
             await admin.list_topics()
-            return
+            return None
         except (KafkaConnectionError, OSError) as error:
             last_error = error
         finally:
             await admin.close()
         await asyncio.sleep(delay_s)
         delay_s = min(delay_s * 2, 2.0)
-    raise ConnectionError(
-        f"Kafka broker {bootstrap_servers(settings)!r} did not answer within {timeout_s:.0f} s "
-        f"({last_error}); check WATTSTREAM_BROKER"
-    )
+    return last_error
 
 
 @dataclass(frozen=True)

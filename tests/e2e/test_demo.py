@@ -1,0 +1,40 @@
+"""`wattstream demo`, as `make demo` runs it: embedded broker, bundled sample, a summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def test_demo_runs_to_a_summary_with_every_action(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATTSTREAM_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "demo", "--json"],
+        env=env,
+        cwd=tmp_path,  # outputs (out/influx.lp, out/demo.log) land here
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    decisions = summary["summary"]
+    # One decision per battery per hour: 3 batteries, 7 days.
+    assert decisions["decisions"] == 3 * 7 * 24
+    assert all(count > 0 for count in decisions["by_action"].values())
+    assert set(decisions["by_action"]) == {"CHARGE", "DISCHARGE", "HOLD"}
+    assert decisions["energy_charged_kwh"] > 0 and decisions["energy_discharged_kwh"] > 0
+    assert summary["readings_replayed"] == 90_720
+    assert summary["dead_letters"] == 0
+
+    lines = (tmp_path / "out" / "influx.lp").read_text().splitlines()
+    assert summary["points_written"] == len(lines) == 90_720 + 168 + 3 * 7 * 24
+    assert sum(line.startswith("decision,") for line in lines) == 3 * 7 * 24
