@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from pipeline import codec, kafka, topics
 from pipeline.app import create_app
 from pipeline.local import EmbeddedBroker, with_embedded_broker
 from pipeline.report import DecisionSummary, summarize
+from pipeline.report_html import write_report
 from pipeline.schemas import Decision
 from pipeline.settings import Settings
 from sinks.influx import InfluxSink
@@ -42,7 +43,7 @@ class DemoResult:
     influx_target: str
     elapsed_s: float
     broker: str
-    notes: list[str] = field(default_factory=list)
+    report_path: Path | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +55,7 @@ class DemoResult:
             "dead_letters": self.dead_letters,
             "influx_target": self.influx_target,
             "elapsed_s": round(self.elapsed_s, 2),
+            "report": str(self.report_path) if self.report_path else None,
             "summary": self.summary.as_dict(),
         }
 
@@ -85,6 +87,7 @@ async def run_pipeline(
     prices_path: Path | None,
     on_progress: ProgressCallback | None = None,
     drain_timeout_s: float = 300.0,
+    report_dir: Path | None = None,
 ) -> DemoResult:
     """Run replay, agents and sink against ``settings.broker`` until everything is stored."""
     from ingest.replay import Replay  # ingest is optional for a pure worker
@@ -150,6 +153,7 @@ async def run_pipeline(
         for _, value in await kafka.read_all(settings, topics.DECISIONS)
     ]
     dead_letters = len(await kafka.read_all(settings, topics.DEAD_LETTERS))
+    report_path = write_report(decisions, report_dir / "report.html") if report_dir else None
     return DemoResult(
         summary=summarize(decisions),
         readings_replayed=replay_stats.readings_sent,
@@ -160,6 +164,7 @@ async def run_pipeline(
         influx_target=influx_target(settings),
         elapsed_s=time.monotonic() - started,
         broker=str(settings.broker),
+        report_path=report_path,
     )
 
 
@@ -175,10 +180,15 @@ def run_demo(
     telemetry_path: Path,
     prices_path: Path | None,
     on_progress: ProgressCallback | None = None,
+    report_dir: Path | None = Path("out"),
 ) -> DemoResult:
     """The demo, starting the embedded broker when no broker is configured."""
     if not settings.embedded_broker:
-        return asyncio.run(run_pipeline(settings, telemetry_path, prices_path, on_progress))
+        return asyncio.run(
+            run_pipeline(settings, telemetry_path, prices_path, on_progress, report_dir=report_dir)
+        )
     with EmbeddedBroker() as broker:
         local = with_embedded_broker(settings, broker)
-        return asyncio.run(run_pipeline(local, telemetry_path, prices_path, on_progress))
+        return asyncio.run(
+            run_pipeline(local, telemetry_path, prices_path, on_progress, report_dir=report_dir)
+        )

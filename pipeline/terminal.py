@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
@@ -13,7 +14,8 @@ if TYPE_CHECKING:
     from pipeline.demo import DemoResult
     from pipeline.demo import Progress as DemoState
 
-console = Console(stderr=False)
+# Off a terminal (CI logs, pipes) rich assumes 80 columns and truncates the table.
+console = Console() if sys.stdout.isatty() else Console(width=120)
 
 
 class DemoProgress:
@@ -95,3 +97,5 @@ def print_demo_result(result: DemoResult) -> None:
         f"points written {result.points_written:,} to {result.influx_target}, "
         f"in {result.elapsed_s:.1f} s"
     )
+    if result.report_path is not None:
+        console.print(f"report with charts: {result.report_path}")

@@ -38,3 +38,10 @@ def test_demo_runs_to_a_summary_with_every_action(tmp_path: Path) -> None:
     lines = (tmp_path / "out" / "influx.lp").read_text().splitlines()
     assert summary["points_written"] == len(lines) == 90_720 + 168 + 3 * 7 * 24
     assert sum(line.startswith("decision,") for line in lines) == 3 * 7 * 24
+
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert summary["report"] == "out/report.html"
+    assert report.count("<svg") == 3  # one chart per battery
+    for site in ("turin-home", "turin-school", "moncalieri-depot"):
+        assert f"{site} / battery-1" in report
+    assert "<script" not in report and "http" not in report.split("<svg")[0].lower()
