@@ -7,7 +7,6 @@ everything is gone when it stops. Production runs on a real Kafka cluster.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import signal
@@ -50,22 +49,25 @@ def die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class EmbeddedBroker:
-    """A tansu broker on a free loopback port, started and stopped by this process.
+class LocalProcess:
+    """A server run as a child process: started, probed until it answers, stopped by pid.
 
-    >>> with EmbeddedBroker() as broker:
-    ...     broker.bootstrap  # '127.0.0.1:PORT'
+    Subclasses say what to run (``command``) and how to tell it is ready
+    (``ready``). ``stop()`` then ``start()`` runs it again with the same
+    command, which is how tests take a server away and give it back.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
-        self.host = host
-        self.port = port or free_port(host)
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log_path = Path(tempfile.gettempdir()) / f"wattstream-tansu-{self.port}.log"
+    name = "process"
 
-    @property
-    def bootstrap(self) -> str:
-        return f"{self.host}:{self.port}"
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
 
     @property
     def running(self) -> bool:
@@ -75,55 +77,35 @@ class EmbeddedBroker:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
-    def start(self, timeout_s: float = 10.0) -> Self:
+    def start(self, timeout_s: float = 20.0) -> Self:
+        """Start and wait until ready. Our servers answer in ~0.2 s; 20 s leaves room for
+        a loaded CI runner while a server that never answers still fails quickly."""
         if self.running:
             return self
-        url = f"tcp://{self.host}:{self.port}"
-        command = [
-            broker_binary(),
-            "broker",
-            "--listener-url",
-            url,
-            "--advertised-listener-url",
-            url,
-            "--storage-engine",
-            "memory://tansu/",
-            "--silent",
-        ]
-        with self._log_path.open("wb") as log_file:
-            self._process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+        command = self.command()
+        with self.log_path.open("ab") as log_file:
+            self._process = subprocess.Popen(  # noqa: S603 - argv from our code, no shell
                 command,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=die_with_parent,
             )
-        self._wait_until_listening(timeout_s)
-        log.info("embedded broker listening on %s (pid %d)", self.bootstrap, self._process.pid)
-        return self
-
-    def _wait_until_listening(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            assert self._process is not None
             if self._process.poll() is not None:
-                output = self._log_path.read_text(errors="replace")[-2000:]
                 raise RuntimeError(
-                    f"embedded broker exited with code {self._process.returncode}: {output}"
+                    f"{self.name} exited with code {self._process.returncode}: {self.log_tail()}"
                 )
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection((self.host, self.port), timeout=0.5),
-            ):
-                return
+            if self.ready():
+                log.info("%s ready (pid %d)", self.name, self._process.pid)
+                return self
             time.sleep(0.05)
         self.stop()
-        raise TimeoutError(
-            f"embedded broker did not listen on {self.bootstrap} within {timeout_s} s"
-        )
+        raise TimeoutError(f"{self.name} not ready within {timeout_s} s: {self.log_tail()}")
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop the broker; safe to call twice."""
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout_s``; safe to call twice."""
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
@@ -134,14 +116,15 @@ class EmbeddedBroker:
             process.kill()
             process.wait()
 
-    def pause(self) -> None:
-        """Freeze the broker (SIGSTOP): clients see it hang, as in a network partition."""
-        if self._process is not None:
-            self._process.send_signal(signal.SIGSTOP)
+    def close(self) -> None:
+        """Stop and release whatever else the process held; subclasses add to it."""
+        self.stop()
 
-    def resume(self) -> None:
-        if self._process is not None:
-            self._process.send_signal(signal.SIGCONT)
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
 
     def __enter__(self) -> Self:
         return self.start()
@@ -152,7 +135,57 @@ class EmbeddedBroker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        self.close()
+
+
+class EmbeddedBroker(LocalProcess):
+    """A tansu broker on a free loopback port, started and stopped by this process.
+
+    >>> with EmbeddedBroker() as broker:
+    ...     broker.bootstrap  # '127.0.0.1:PORT'
+    """
+
+    name = "embedded broker"
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        super().__init__(Path(tempfile.gettempdir()) / f"wattstream-tansu-{self.port}.log")
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        url = f"tcp://{self.host}:{self.port}"
+        return [
+            broker_binary(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+            "--silent",
+        ]
+
+    def ready(self) -> bool:
+        # tansu answers Kafka requests as soon as it accepts connections.
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def pause(self) -> None:
+        """Freeze the broker (SIGSTOP): clients see it hang, as in a network partition."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._process is not None:
+            self._process.send_signal(signal.SIGCONT)
 
 
 def with_embedded_broker(settings: Settings, broker: EmbeddedBroker) -> Settings:

@@ -12,25 +12,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
-from pipeline.local import die_with_parent, free_port
-
-# How long a server may take to answer after exec. Both answer in ~0.2 s on
-# these machines; 20 s leaves room for a loaded CI runner, and a server that
-# never answers still fails the session quickly.
-_START_TIMEOUT_S = 20.0
-# InfluxDB flushes its WAL on SIGTERM; a few seconds is plenty, then SIGKILL.
-_STOP_TIMEOUT_S = 10.0
+from pipeline.local import LocalProcess, free_port
 
 
 def _binary(name: str, debian_package: str) -> str:
@@ -42,8 +31,8 @@ def _binary(name: str, debian_package: str) -> str:
     return path
 
 
-class ServerProcess:
-    """A server subprocess with a readiness probe; subclasses give the command and probe."""
+class ServerProcess(LocalProcess):
+    """An HTTP server subprocess on loopback with its data in a (temporary) directory."""
 
     name = "server"
 
@@ -52,94 +41,17 @@ class ServerProcess:
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix=f"wattstream-{self.name}-"))
         self.host = "127.0.0.1"
         self.port = free_port(self.host)
-        self._process: subprocess.Popen[bytes] | None = None
-        self.log_path = self.data_dir / f"{self.name}.log"
-
-    # -- what subclasses provide ------------------------------------------------------
-
-    def command(self) -> Sequence[str]:
-        raise NotImplementedError
-
-    def probe(self) -> bool:
-        """True once the server answers its health endpoint."""
-        raise NotImplementedError
-
-    # -- lifecycle ------------------------------------------------------------------
+        super().__init__(self.data_dir / f"{self.name}.log")
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process else None
-
-    def start(self, timeout_s: float = _START_TIMEOUT_S) -> Self:
-        if self.running:
-            return self
-        command = list(self.command())
-        with self.log_path.open("ab") as log_file:
-            self._process = subprocess.Popen(
-                command,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=die_with_parent,  # never outlive a killed test run
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with code {self._process.returncode}: {self._log_tail()}"
-                )
-            if self.probe():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise TimeoutError(
-            f"{self.name} did not answer at {self.url} within {timeout_s} s: {self._log_tail()}"
-        )
-
-    def stop(self, timeout_s: float = _STOP_TIMEOUT_S) -> None:
-        """Stop the process (SIGTERM, then SIGKILL); data and ports are kept. Safe twice."""
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
     def close(self) -> None:
         """Stop and delete the data directory if this object created it."""
-        self.stop()
+        super().close()
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    # -- helpers -------------------------------------------------------------------
-
-    def _log_tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-2000:]
-        except OSError:
-            return "(no log)"
 
     def _status(self, path: str) -> int | None:
         """HTTP status of a GET, or None when nothing answers."""
@@ -171,7 +83,7 @@ class InfluxDB1(ServerProcess):
         self.rpc_port = free_port(self.host)
         self.config_path = self.data_dir / "influxdb.conf"
 
-    def command(self) -> Sequence[str]:
+    def command(self) -> list[str]:
         tmp = self.data_dir
         self.config_path.write_text(
             f"""reporting-enabled = false
@@ -193,7 +105,7 @@ bind-address = "{self.host}:{self.rpc_port}"
         )
         return [self.binary, "-config", str(self.config_path)]
 
-    def probe(self) -> bool:
+    def ready(self) -> bool:
         return self._status("/ping") == 204
 
     def query(self, influxql: str, db: str | None = None) -> dict[str, Any]:
@@ -234,7 +146,7 @@ class VictoriaMetrics(ServerProcess):
         super().__init__(data_dir)
         self.binary = _binary("victoria-metrics", "victoria-metrics")
 
-    def command(self) -> Sequence[str]:
+    def command(self) -> list[str]:
         return [
             self.binary,
             f"-storageDataPath={self.data_dir / 'storage'}",
@@ -244,7 +156,7 @@ class VictoriaMetrics(ServerProcess):
             "-loggerLevel=ERROR",
         ]
 
-    def probe(self) -> bool:
+    def ready(self) -> bool:
         return self._status("/health") == 200
 
     def force_flush(self) -> None:
