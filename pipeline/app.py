@@ -12,7 +12,7 @@ from typing import Any
 import faust
 import mode
 
-from pipeline import kafka
+from pipeline import kafka, topics
 from pipeline.settings import Settings
 from processors import arbitrage, prices
 from sinks.influx import InfluxSink
@@ -61,6 +61,11 @@ def _credentials(settings: Settings) -> object:
             ssl_context=client.get("ssl_context"),
         )
     return faust.SSLCredentials(client["ssl_context"])
+
+
+def agent_input_topics(settings: Settings) -> list[str]:
+    """The topics the worker's agents consume (its consumer group is ``app_id``)."""
+    return [settings.topic(spec) for spec in (topics.TELEMETRY, topics.SITE_PRICES, topics.PRICES)]
 
 
 class SinkService(mode.Service):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import codec, kafka, topics
-from pipeline.app import create_app
+from pipeline.app import agent_input_topics, create_app
 from pipeline.local import EmbeddedBroker, with_embedded_broker
 from pipeline.report import DecisionSummary, summarize
 from pipeline.report_html import write_report
@@ -127,11 +127,7 @@ async def run_pipeline(
             await kafka.wait_until_drained(
                 settings,
                 {
-                    settings.app_id: [
-                        settings.topic(topics.TELEMETRY),
-                        settings.topic(topics.SITE_PRICES),
-                        settings.topic(topics.PRICES),
-                    ],
+                    settings.app_id: agent_input_topics(settings),
                     sink.group_id: sink.topic_names,
                 },
                 timeout_s=drain_timeout_s,

@@ -29,6 +29,7 @@ from pydantic_settings import (
 )
 
 from pipeline.schemas import Identifier
+from pipeline.topics import TopicSpec
 
 ENV_PREFIX = "WATTSTREAM_"
 CONFIG_ENV = "WATTSTREAM_CONFIG"
@@ -239,10 +240,9 @@ class Settings(BaseSettings):
             return self.embedded_broker
         return self.kafka.one_record_per_batch
 
-    def topic(self, spec: Any) -> str:
-        """The full name of a :class:`pipeline.topics.TopicSpec` in this deployment."""
-        name: str = spec.full_name(self.topic_prefix)
-        return name
+    def topic(self, spec: TopicSpec) -> str:
+        """The full name of a registry topic in this deployment."""
+        return spec.full_name(self.topic_prefix)
 
     def site(self, site_id: str) -> SiteConfig | None:
         return next((s for s in self.sites if s.id == site_id), None)

@@ -223,14 +223,13 @@ class SiteState:
         )
 
     def interval_at(self, ts_ms: int) -> PricedInterval | None:
-        index = bisect.bisect_right([i.start_ms for i in self.intervals], ts_ms) - 1
+        index = bisect.bisect_right(self.intervals, ts_ms, key=lambda i: i.start_ms) - 1
         if index >= 0 and ts_ms < self.intervals[index].end_ms:
             return self.intervals[index]
         return None
 
     def add_interval(self, interval: PricedInterval) -> None:
-        starts = [i.start_ms for i in self.intervals]
-        index = bisect.bisect_left(starts, interval.start_ms)
+        index = bisect.bisect_left(self.intervals, interval.start_ms, key=lambda i: i.start_ms)
         if index < len(self.intervals) and self.intervals[index].start_ms == interval.start_ms:
             self.intervals[index] = interval  # a revised price replaces the old one
         else:

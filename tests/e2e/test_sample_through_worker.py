@@ -20,6 +20,7 @@ import orjson
 import pytest
 
 from pipeline import codec, kafka, topics
+from pipeline.app import agent_input_topics
 from pipeline.local import EmbeddedBroker
 from pipeline.schemas import DeadLetter
 from pipeline.settings import Settings
@@ -143,11 +144,7 @@ async def test_sample_replay_stores_exactly_the_rule_decisions_and_dead_letters_
     drained = kafka.wait_until_drained(
         settings,
         {
-            settings.app_id: [
-                telemetry_topic,
-                settings.topic(topics.SITE_PRICES),
-                settings.topic(topics.PRICES),
-            ],
+            settings.app_id: agent_input_topics(settings),
             f"{settings.app_id}-sink-influx": [
                 telemetry_topic,
                 settings.topic(topics.PRICES),

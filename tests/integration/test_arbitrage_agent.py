@@ -11,7 +11,7 @@ import pytest
 
 from ingest.replay import Replay
 from pipeline import codec, kafka, topics
-from pipeline.app import create_app
+from pipeline.app import agent_input_topics, create_app
 from pipeline.local import EmbeddedBroker
 from pipeline.schemas import DeadLetter, Decision
 from tests.conftest import SettingsFactory
@@ -84,13 +84,7 @@ async def test_replay_through_agents_gives_the_rule_decisions_and_dead_letters_b
         assert stats.readings_sent == HOURS * 12 * 6
         await kafka.wait_until_drained(
             settings,
-            {
-                settings.app_id: [
-                    settings.topic(topics.TELEMETRY),
-                    settings.topic(topics.SITE_PRICES),
-                    settings.topic(topics.PRICES),
-                ]
-            },
+            {settings.app_id: agent_input_topics(settings)},
             timeout_s=60,
         )
     finally:
