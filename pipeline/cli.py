@@ -173,7 +173,11 @@ def broker(port: int) -> None:
             f"embedded broker listening on {embedded.bootstrap} (pid {embedded.pid}); "
             "Ctrl-C stops it"
         )
-        click.echo(f"use it with: export WATTSTREAM_BROKER={embedded.bootstrap}")
+        # Only the embedded broker turns the end-offset workaround on by itself.
+        click.echo(
+            f"use it with: export WATTSTREAM_BROKER={embedded.bootstrap} "
+            "WATTSTREAM_KAFKA_ONE_RECORD_PER_BATCH=true"
+        )
         stop = asyncio.Event()
 
         async def wait() -> None:
