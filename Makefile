@@ -4,8 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
-# Debian packages of the real servers the tests start (InfluxDB 1.x, VictoriaMetrics).
-TEST_SERVERS := influxdb victoria-metrics
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: help install demo test test-unit lint format bench servers clean
@@ -28,11 +26,13 @@ install: $(INSTALLED)
 demo: $(INSTALLED)
 	$(VENV)/bin/wattstream demo
 
-# Install the Debian packages of the servers the integration tests run, if missing.
+# Install the Debian packages of the servers the integration tests run, if missing:
+# InfluxDB 1.x, VictoriaMetrics (InfluxDB v2 write API), Mosquitto.
 servers:
 	@missing=""; \
 	command -v influxd >/dev/null || missing="$$missing influxdb"; \
 	command -v victoria-metrics >/dev/null || missing="$$missing victoria-metrics"; \
+	command -v mosquitto >/dev/null || missing="$$missing mosquitto"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		$(SUDO) apt-get update -qq && \
