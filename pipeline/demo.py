@@ -90,7 +90,9 @@ async def run_pipeline(
     report_dir: Path | None = None,
 ) -> DemoResult:
     """Run replay, agents and sink against ``settings.broker`` until everything is stored."""
-    from ingest.replay import Replay  # ingest is optional for a pure worker
+    # The demo composes every part; importing the connector here keeps `pipeline` free of
+    # an import-time dependency on `ingest`.
+    from ingest.replay import Replay
 
     started = time.monotonic()
     progress = Progress()
