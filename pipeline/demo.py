@@ -133,6 +133,7 @@ async def run_pipeline(
                     sink.group_id: sink.topic_names,
                 },
                 timeout_s=drain_timeout_s,
+                failed=lambda: app.crash_reason or _task_error(sink_task),
             )
         finally:
             watcher.cancel()
@@ -164,6 +165,10 @@ async def run_pipeline(
         broker=str(settings.broker),
         report_path=report_path,
     )
+
+
+def _task_error(task: asyncio.Task[None]) -> BaseException | None:
+    return task.exception() if task.done() and not task.cancelled() else None
 
 
 async def _watch_sink(sink: InfluxSink, progress: Progress, report: Callable[[], None]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -291,16 +291,20 @@ async def wait_until_drained(
     *,
     timeout_s: float,
     settle_s: float = 1.5,
+    failed: Callable[[], BaseException | None] = lambda: None,
 ) -> None:
     """Wait until every group has committed everything on its topics, and it stays so.
 
     "Stays so" (two checks ``settle_s`` apart) because a processor commits its
-    input before the sink has seen the outputs it produced.
+    input before the sink has seen the outputs it produced. ``failed`` returns
+    the error of a consumer that died meanwhile, which is raised at once.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     quiet_checks = 0
     while True:
+        if (error := failed()) is not None:
+            raise RuntimeError(f"a consumer failed while draining: {error!r}") from error
         lags = [await group_lag(settings, group, names) for group, names in groups.items()]
         quiet_checks = quiet_checks + 1 if all(lag.total == 0 for lag in lags) else 0
         if quiet_checks >= 2:

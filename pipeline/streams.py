@@ -11,6 +11,7 @@ import logging
 from typing import Any, TypeVar
 
 import faust
+import mode
 from pydantic import BaseModel
 
 from pipeline import codec, topics
@@ -20,6 +21,13 @@ from pipeline.settings import Settings
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
+
+# Bad input never raises in an agent (it is dead-lettered), so an exception is a
+# bug or a broken environment. Faust's default restarts the actor's coroutine or
+# leaves it dead while the worker runs on: a silent stall. Crashing the worker
+# instead makes the process supervisor restart it, and it resumes from the last
+# committed offsets (at least once; ids are deterministic).
+AGENT_SUPERVISOR = mode.CrashingSupervisor
 
 
 def raw_topic(app: faust.App, settings: Settings, *specs: topics.TopicSpec) -> faust.TopicT:

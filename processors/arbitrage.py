@@ -352,7 +352,13 @@ def battery_readings(batch: TelemetryBatch) -> list[BatteryReading]:
 def register(app: faust.App, settings: Settings) -> None:
     """Wire the rule to Kafka: telemetry + site prices in, decisions out, state in a table."""
     # Imported here so that importing the rule never imports Faust.
-    from pipeline.streams import DeadLetters, decode_event, decode_telemetry_event, raw_topic
+    from pipeline.streams import (
+        AGENT_SUPERVISOR,
+        DeadLetters,
+        decode_event,
+        decode_telemetry_event,
+        raw_topic,
+    )
 
     telemetry_name = settings.topic(topics.TELEMETRY)
     site_prices_name = settings.topic(topics.SITE_PRICES)
@@ -367,7 +373,7 @@ def register(app: faust.App, settings: Settings) -> None:
     )
     engines = {site.id: SiteArbitrage(site) for site in settings.sites if site.batteries}
 
-    @app.agent(source, name=f"{__name__}.arbitrage")
+    @app.agent(source, name=f"{__name__}.arbitrage", supervisor_strategy=AGENT_SUPERVISOR)
     async def arbitrage(stream: Any) -> None:
         async for event in stream.events():
             message = event.message

@@ -24,13 +24,13 @@ def sites_in_market(settings: Settings, market: str) -> list[str]:
 
 
 def register(app: faust.App, settings: Settings) -> None:
-    from pipeline.streams import DeadLetters, decode_event, raw_topic
+    from pipeline.streams import AGENT_SUPERVISOR, DeadLetters, decode_event, raw_topic
 
     prices = raw_topic(app, settings, topics.PRICES)
     site_prices = raw_topic(app, settings, topics.SITE_PRICES)
     dlq = DeadLetters(app, settings, component=__name__)
 
-    @app.agent(prices, name=f"{__name__}.fan_out")
+    @app.agent(prices, name=f"{__name__}.fan_out", supervisor_strategy=AGENT_SUPERVISOR)
     async def fan_out(stream: Any) -> None:
         async for event in stream.events():
             tick = await decode_event(PriceTick, event, dlq)

@@ -107,3 +107,12 @@ async def test_replay_through_agents_gives_the_rule_decisions_and_dead_letters_b
     assert letters[0].source_topic == settings.topic(topics.TELEMETRY)
     assert letters[0].component == "processors.arbitrage"
     assert orjson.loads(codec.encode(letters[0]))["reason"].startswith("not JSON")
+
+
+def test_every_agent_crashes_the_worker_instead_of_stalling(make_settings: SettingsFactory) -> None:
+    """An exception in an agent is a bug: the worker must exit, not run on without the agent."""
+    import mode
+
+    app = create_app(make_settings(broker="127.0.0.1:1", sites=SITES), with_sinks=True)
+    strategies = {name: agent.supervisor_strategy for name, agent in app.agents.items()}
+    assert strategies and set(strategies.values()) == {mode.CrashingSupervisor}, strategies
