@@ -46,7 +46,9 @@ import orjson
 import polars as pl
 from pydantic import TypeAdapter, ValidationError
 
+from ingest.prices import read_price_file
 from pipeline import codec, kafka, topics
+from pipeline.codec import DecodeError
 from pipeline.schemas import (
     READING_ADAPTER,
     READING_MODELS,
@@ -246,63 +248,29 @@ def _validated_batch(
     return OutgoingBatch(site, event_time_ms, codec.encode(batch), len(readings)), bad
 
 
-def read_prices(path: Path, market: str | None = None) -> list[PriceTick]:
-    """Read a price file into ticks sorted by market and start; bad rows raise with row numbers."""
-    frame = _read_table(path)
-    missing = [c for c in ("time", "price_per_kwh") if c not in frame.columns]
-    if missing:
-        raise ReplayFileError(
-            f"{path}: missing column(s) {missing}; prices need time and price_per_kwh"
-        )
-    if "market" not in frame.columns:
-        if market is None:
-            raise ReplayFileError(f"{path}: no market column; pass --market")
-        frame = frame.with_columns(pl.lit(market).alias("market"))
-    frame = frame.with_row_index("_row", offset=1).with_columns(
-        _utc_time(frame["time"], "_start"),
-        _utc_time(frame["published_at"], "_published")
-        if "published_at" in frame.columns
-        else pl.lit(None, dtype=pl.Datetime("us", "UTC")).alias("_published"),
-        _utc_time(frame["end"], "_end")
-        if "end" in frame.columns
-        else pl.lit(None, dtype=pl.Datetime("us", "UTC")).alias("_end"),
-    )
-    unparsed = frame.filter(pl.col("_start").is_null())["_row"].to_list()
-    if unparsed:
-        raise ReplayFileError(
-            f"{path}: rows {unparsed[:10]} have a missing time or one without a UTC offset"
-        )
-    frame = frame.sort(["market", "_start"])
-    ticks: list[PriceTick] = []
-    errors: list[str] = []
-    for (market_id,), rows in frame.group_by("market", maintain_order=True):
-        starts = rows["_start"].to_list()
-        records = rows.to_dicts()
-        for index, record in enumerate(records):
-            end = record["_end"]
-            if end is None:
-                if index + 1 < len(starts):
-                    end = starts[index + 1]
-                elif index > 0:
-                    end = starts[index] + (starts[index] - starts[index - 1])
-                else:
-                    errors.append(f"row {record['_row']}: a single price needs an end column")
-                    continue
-            try:
-                ticks.append(
-                    PriceTick(
-                        market=str(market_id),
-                        start=record["_start"],
-                        end=end,
-                        price_per_kwh=record["price_per_kwh"],
-                        published_at=record["_published"] or record["_start"],
-                    )
-                )
-            except ValidationError as error:
-                errors.append(f"row {record['_row']}: {codec.describe(error)}")
-    if errors:
-        raise ReplayFileError(f"{path}: {len(errors)} bad price row(s): " + "; ".join(errors[:10]))
-    return ticks
+def read_prices(path: Path, market: str | None = None) -> tuple[list[PriceTick], list[BadRow]]:
+    """A price file's ticks (see :func:`ingest.prices.read_price_file`) and its bad rows.
+
+    Bad rows are replayed as dead letters like bad telemetry rows; a file with
+    no usable row at all is an error, since replaying it would decide nothing.
+    """
+    if not path.is_file():
+        raise ReplayFileError(f"{path}: no such file")
+    try:
+        parsed = read_price_file(path, market=market)
+    except DecodeError as error:
+        raise ReplayFileError(f"{path}: {error.reason}") from None
+    bad = [BadRow(_row_number(r.reason), r.reason, r.raw) for r in parsed.rejected]
+    if not parsed.messages:
+        reasons = "; ".join(b.reason for b in bad[:3])
+        hint = " (a file without a market column needs --market)" if market is None else ""
+        raise ReplayFileError(f"{path}: no usable price rows{hint}: {reasons}")
+    return parsed.messages, bad
+
+
+def _row_number(reason: str) -> int:
+    # ingest.prices words every row rejection "row N: why".
+    return int(reason.split(":", 1)[0].removeprefix("row "))
 
 
 ProgressCallback = Callable[[ReplayStats], None]
@@ -336,13 +304,16 @@ class Replay:
         frame, bad_rows = (
             read_telemetry(self.telemetry_path) if self.telemetry_path else (pl.DataFrame(), [])
         )
-        ticks = read_prices(self.prices_path, self.market) if self.prices_path else []
+        ticks, bad_price_rows = (
+            read_prices(self.prices_path, self.market) if self.prices_path else ([], [])
+        )
         self.stats.readings_total = frame.height
         source = f"replay:{self.telemetry_path.name}" if self.telemetry_path else "replay"
         producer = kafka.producer(self.settings)
         await producer.start()
         try:
-            await self._send_bad_rows(producer, bad_rows)
+            await self._send_bad_rows(producer, bad_rows, self.telemetry_path, topics.TELEMETRY)
+            await self._send_bad_rows(producer, bad_price_rows, self.prices_path, topics.PRICES)
             await self._send_timeline(producer, frame, ticks, source)
             await producer.flush()
         finally:
@@ -395,7 +366,7 @@ class Replay:
                 self.stats.prices_sent += 1
                 continue
             batch, bad = item
-            await self._send_bad_rows(producer, bad)
+            await self._send_bad_rows(producer, bad, self.telemetry_path, topics.TELEMETRY)
             if batch is not None:
                 pending.append(
                     await producer.send(telemetry_topic, batch.value, key=batch.site.encode())
@@ -408,24 +379,25 @@ class Replay:
                 self._progress()
         await asyncio.gather(*pending)
 
-    async def _send_bad_rows(self, producer: Any, bad_rows: list[BadRow]) -> None:
-        if not bad_rows:
-            return
+    async def _send_bad_rows(
+        self, producer: Any, bad_rows: list[BadRow], path: Path | None, target: topics.TopicSpec
+    ) -> None:
+        """Dead-letter a file's bad rows, with the topic they were meant for."""
         dlq_topic = self.settings.topic(topics.DEAD_LETTERS)
-        telemetry_topic = self.settings.topic(topics.TELEMETRY)
+        target_topic = self.settings.topic(target)
         for bad in bad_rows:
             letter = dead_letter(
                 raw=bad.raw,
-                reason=f"{self.telemetry_path}: {bad.reason}",
+                reason=f"{path}: {bad.reason}",
                 error_type="BadRow",
                 component=COMPONENT,
-                source_topic=telemetry_topic,
+                source_topic=target_topic,
             )
-            await producer.send(dlq_topic, codec.encode(letter), key=telemetry_topic.encode())
+            await producer.send(dlq_topic, codec.encode(letter), key=target_topic.encode())
             self.stats.bad_rows += 1
             if len(self.stats.bad_row_samples) < 20:
-                self.stats.bad_row_samples.append(bad.reason)
-            log.warning("%s: %s (dead-lettered)", self.telemetry_path, bad.reason)
+                self.stats.bad_row_samples.append(f"{path}: {bad.reason}")
+            log.warning("%s: %s (dead-lettered)", path, bad.reason)
 
     def _progress(self) -> None:
         if self.on_progress is not None:

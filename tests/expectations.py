@@ -14,7 +14,7 @@ from processors.arbitrage import SiteArbitrage, SiteState, battery_readings
 def expected_decisions(settings: Settings, telemetry: Path, prices: Path) -> list[Decision]:
     """The arbitrage rule applied to the files: every price known, readings in file order."""
     frame, _ = read_telemetry(telemetry)
-    ticks = read_prices(prices)
+    ticks, _ = read_prices(prices)
     out: list[Decision] = []
     for site in settings.sites:
         engine, state = SiteArbitrage(site), SiteState()

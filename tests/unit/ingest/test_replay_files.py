@@ -104,7 +104,8 @@ def test_prices_infer_interval_ends_and_default_publication(tmp_path: Path) -> N
         tmp_path,
         "time,price_per_kwh\n2025-04-07T00:00:00Z,0.10\n2025-04-07T01:00:00Z,-0.02\n",
     )
-    first, second = read_prices(path, market="IT-NORD")
+    (first, second), bad = read_prices(path, market="IT-NORD")
+    assert bad == []
     assert first.end == second.start
     assert second.end - second.start == timedelta(hours=1)
     assert second.price_per_kwh == -0.02
@@ -116,10 +117,21 @@ def test_prices_without_market_need_one(tmp_path: Path) -> None:
         read_prices(write(tmp_path, "time,price_per_kwh\n2025-04-07T00:00:00Z,0.1\n"))
 
 
-def test_bad_price_rows_are_named(tmp_path: Path) -> None:
+def test_bad_price_rows_are_reported_with_row_numbers_and_the_rest_kept(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        "time,market,price_per_kwh\n2025-04-07T00:00:00Z,M,0.1\n2025-04-07T01:00:00,M,0.1\n",
+        "time,market,price_per_kwh\n"
+        "2025-04-07T00:00:00Z,M,0.1\n"
+        "2025-04-07T01:00:00,M,0.1\n"  # row 2: naive time
+        "2025-04-07T02:00:00Z,M,cheap\n"  # row 3: not a number
+        "2025-04-07T03:00:00Z,M,0.3\n",
     )
-    with pytest.raises(ReplayFileError, match=r"rows \[2\]"):
-        read_prices(path)
+    ticks, bad = read_prices(path)
+    assert [t.price_per_kwh for t in ticks] == [0.1, 0.3]
+    assert [b.row for b in bad] == [2, 3]
+    assert "UTC offset" in bad[0].reason and "not a number" in bad[1].reason
+
+
+def test_a_price_file_with_no_usable_row_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ReplayFileError, match="no usable price rows"):
+        read_prices(write(tmp_path, "time,market,price_per_kwh\n2025-04-07T00:00:00,M,0.1\n"))
