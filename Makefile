@@ -32,7 +32,7 @@ servers:
 	@missing=""; \
 	command -v influxd >/dev/null || missing="$$missing influxdb"; \
 	command -v victoria-metrics >/dev/null || missing="$$missing victoria-metrics"; \
-	command -v mosquitto >/dev/null || missing="$$missing mosquitto"; \
+	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		$(SUDO) apt-get update -qq && \

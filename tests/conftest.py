@@ -82,3 +82,14 @@ def victoria_metrics() -> Iterator[Any]:
     server.start()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def mosquitto() -> Iterator[Any]:
+    """A real Mosquitto 2.0 (Debian `mosquitto`) with persistence, on a free loopback port."""
+    from tests.servers import Mosquitto
+
+    server = Mosquitto()
+    server.start()
+    yield server
+    server.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import tempfile
 import urllib.error
 import urllib.parse
@@ -171,3 +172,46 @@ class VictoriaMetrics(ServerProcess):
         self.force_flush()
         body = self._request("/api/v1/export?" + urllib.parse.urlencode({"match[]": match}))
         return [json.loads(line) for line in body.splitlines() if line.strip()]
+
+
+class Mosquitto(ServerProcess):
+    """Mosquitto 2.0 (Debian ``mosquitto``): MQTT 3.1.1 and 5 on one loopback listener.
+
+    ``persistence true`` keeps persistent sessions and their queued QoS 1 messages in
+    the data directory across ``stop()`` / ``start()`` (it writes them on SIGTERM).
+    """
+
+    name = "mosquitto"
+
+    def __init__(self, data_dir: Path | None = None, *, allow_anonymous: bool = True) -> None:
+        super().__init__(data_dir)
+        self.allow_anonymous = allow_anonymous
+        # Debian installs it in /usr/sbin, which is not on every user's PATH.
+        path = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin")
+        self.binary = path or _binary("mosquitto", "mosquitto")
+        self.config_path = self.data_dir / "mosquitto.conf"
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        # As root, mosquitto otherwise drops to user `mosquitto`, which cannot write
+        # the persistence file in our temporary directory.
+        self.config_path.write_text(
+            f"""listener {self.port} {self.host}
+allow_anonymous {str(self.allow_anonymous).lower()}
+persistence true
+persistence_location {self.data_dir}/
+user root
+log_dest stdout
+"""
+        )
+        return [self.binary, "-c", str(self.config_path)]
+
+    def ready(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
