@@ -7,9 +7,10 @@ settings in :mod:`pipeline.app`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,18 +215,30 @@ class GroupLag:
         return sum(max(0, end - self.committed.get(tp, 0)) for tp, end in self.end.items())
 
 
-async def end_offsets(settings: Settings, topic_names: Iterable[str]) -> dict[TopicPartition, int]:
-    probe = consumer(settings, group_id=None)
+@contextlib.asynccontextmanager
+async def _running(probe: AIOKafkaConsumer) -> AsyncIterator[AIOKafkaConsumer]:
+    """A started short-lived consumer, stopped on exit.
+
+    The yield after start() lets aiokafka's background task begin: stopped before
+    it ever ran, the consumer's close() raises CancelledError (aiokafka 0.14).
+    """
     await probe.start()
     try:
+        await asyncio.sleep(0)
+        yield probe
+    finally:
+        await probe.stop()
+
+
+async def end_offsets(settings: Settings, topic_names: Iterable[str]) -> dict[TopicPartition, int]:
+    """End offsets of every partition of the topics; a topic that does not exist has none."""
+    async with _running(consumer(settings, group_id=None)) as probe:
         partitions = [
             TopicPartition(name, p)
             for name in topic_names
             for p in sorted(probe.partitions_for_topic(name) or await _partitions(probe, name))
         ]
-        return dict(await probe.end_offsets(partitions))
-    finally:
-        await probe.stop()
+        return dict(await probe.end_offsets(partitions)) if partitions else {}
 
 
 async def _partitions(probe: AIOKafkaConsumer, name: str) -> set[int]:
@@ -240,18 +253,13 @@ async def group_lag(settings: Settings, group: str, topic_names: Iterable[str]) 
     it does not join or disturb the group): aiokafka's admin OffsetFetch cannot
     decode the embedded broker's answer, the consumer's request can.
     """
-    names = list(topic_names)
-    ends = await end_offsets(settings, names)
-    reader = consumer(settings, group_id=group)
-    await reader.start()
-    try:
-        committed = {}
+    ends = await end_offsets(settings, list(topic_names))
+    committed = {}
+    async with _running(consumer(settings, group_id=group)) as reader:
         for tp in ends:
             offset = await reader.committed(tp)
             if offset is not None and offset >= 0:
                 committed[tp] = offset
-    finally:
-        await reader.stop()
     return GroupLag(group=group, committed=committed, end=ends)
 
 
@@ -261,16 +269,17 @@ async def read_all(
     """Every (key, value) on a topic from the beginning to its current end, no group.
 
     For summaries and tests; a consumer that must keep up uses a group instead.
+    A topic that does not exist (yet) reads as empty.
     """
     name = settings.topic(spec)
     ends = await end_offsets(settings, [name])
+    remaining = {tp for tp, end in ends.items() if end > 0}
     records: list[tuple[bytes | None, bytes]] = []
-    reader = consumer(settings, group_id=None)
-    await reader.start()
-    try:
+    if not remaining:
+        return records
+    async with _running(consumer(settings, group_id=None)) as reader:
         reader.assign(list(ends))
         await reader.seek_to_beginning(*ends)
-        remaining = {tp for tp, end in ends.items() if end > 0}
         deadline = asyncio.get_running_loop().time() + timeout_s
         while remaining:
             if asyncio.get_running_loop().time() > deadline:
@@ -280,9 +289,7 @@ async def read_all(
                 records.extend((m.key, m.value) for m in messages if m.offset < ends[tp])
                 if messages and messages[-1].offset + 1 >= ends[tp]:
                     remaining.discard(tp)
-        return records
-    finally:
-        await reader.stop()
+    return records
 
 
 async def wait_until_drained(
