@@ -1,0 +1,1 @@
+"""In-process device simulators for tests, demos and benchmarks (no hardware needed)."""
