@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from pipeline import schemas, topics
+from pipeline.cli_ingest import ingest_group
 from pipeline.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("wattstream")
@@ -218,6 +219,16 @@ def _speed(_ctx: click.Context, _param: click.Parameter, value: str) -> float | 
     callback=_speed,
     help="Event-time speed-up factor, or 'max'.",
 )
+@click.option(
+    "--rebase-time",
+    is_flag=True,
+    help="Shift every event time by one delta so the first event is now.",
+)
+@click.option(
+    "--loop",
+    is_flag=True,
+    help="Repeat until stopped (Ctrl-C), each round shifted by the file's span.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def replay(
@@ -226,9 +237,12 @@ def replay(
     prices: Path | None,
     market: str | None,
     speed: float | None,
+    rebase_time: bool,
+    loop: bool,
     as_json: bool,
 ) -> None:
-    """Replay a telemetry file (and a price file) into the configured broker."""
+    """Replay a telemetry file (and a price file), or a recording made by
+    `wattstream record`, into the configured broker."""
     from ingest.replay import Replay, ReplayFileError
     from pipeline import kafka
 
@@ -236,18 +250,22 @@ def replay(
         raise click.UsageError("give a TELEMETRY file, --prices FILE, or both")
     settings = obj.settings()
     _setup_logging(settings.log_level)
-    if settings.embedded_broker:
-        click.echo(
-            "wattstream: replay needs a broker: set WATTSTREAM_BROKER "
-            "(or run `wattstream broker` in another terminal, or `wattstream demo`)",
-            err=True,
-        )
-        sys.exit(EXIT_USAGE)
+    _require_broker(settings, "replay")
+    replayer = Replay(
+        settings,
+        telemetry,
+        prices,
+        market=market,
+        speed=speed,
+        rebase_time=rebase_time,
+        loop=loop,
+    )
 
     async def run() -> Any:
+        _stop_on_signals(replayer.stop)
         await kafka.wait_for_broker(settings)
         await kafka.ensure_topics(settings)
-        return await Replay(settings, telemetry, prices, market=market, speed=speed).run()
+        return await replayer.run()
 
     try:
         stats = asyncio.run(run())
@@ -261,12 +279,429 @@ def replay(
         "bad_rows": stats.bad_rows,
         "elapsed_s": round(stats.elapsed_s, 3),
     }
+    if stats.records_sent:
+        result["records_sent"] = stats.records_sent
+    if loop:
+        result["rounds"] = stats.rounds
     if as_json:
         click.echo(json.dumps(result))
     else:
         click.echo(" ".join(f"{k}={v}" for k, v in result.items()))
         for sample in stats.bad_row_samples:
             click.echo(f"  bad {sample}", err=True)
+
+
+def _require_broker(settings: Settings, command: str) -> None:
+    if settings.embedded_broker:
+        click.echo(
+            f"wattstream: {command} needs a broker: set WATTSTREAM_BROKER "
+            "(or run `wattstream broker` in another terminal, or `wattstream demo`)",
+            err=True,
+        )
+        sys.exit(EXIT_USAGE)
+
+
+def _stop_on_signals(stop: Any) -> None:
+    """Ctrl-C and SIGTERM call ``stop`` (a clean end) instead of raising mid-write."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+
+
+# --- record -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--topic",
+    "topic_names",
+    multiple=True,
+    required=True,
+    help="Topic to capture, by registry name (telemetry, prices, ...) or full name; repeatable.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="Parquet file to write.",
+)
+@click.option("--from-beginning", is_flag=True, help="Start at the oldest retained record.")
+@click.option(
+    "--to-end",
+    is_flag=True,
+    help="Stop once every partition reached the end offset it had when the capture began.",
+)
+@click.option("--max-records", type=click.IntRange(min=1), help="Stop after this many records.")
+@click.option(
+    "--duration-s",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Stop after this many seconds.",
+)
+@click.option(
+    "--flatten",
+    is_flag=True,
+    help="Telemetry only: write readings in the long format (time, site, device, kind, "
+    "fields) instead of raw records.",
+)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def record(
+    obj: Context,
+    topic_names: tuple[str, ...],
+    out: Path,
+    from_beginning: bool,
+    to_end: bool,
+    max_records: int | None,
+    duration_s: float | None,
+    flatten: bool,
+    as_json: bool,
+) -> None:
+    """Capture topics into a Parquet file, until a limit or Ctrl-C (which keeps what was read).
+
+    The raw format (one row per Kafka record: topic, partition, offset,
+    timestamp_ms, key, value) replays with `wattstream replay FILE`.
+    """
+    from ingest.record import Recorder, RecordError, RecordStats
+    from pipeline import kafka
+
+    settings = obj.settings()
+    _setup_logging(settings.log_level)
+    _require_broker(settings, "record")
+
+    def progress(stats: RecordStats) -> None:
+        if not as_json:
+            counts = " ".join(f"{name}={n}" for name, n in stats.per_topic.items())
+            click.echo(f"recording... records={stats.records} {counts}", err=True)
+
+    try:
+        recorder = Recorder(
+            settings,
+            topic_names,
+            out,
+            from_beginning=from_beginning,
+            to_end=to_end,
+            max_records=max_records,
+            duration_s=duration_s,
+            flatten=flatten,
+            on_progress=progress,
+        )
+    except RecordError as error:
+        raise click.UsageError(str(error)) from None
+
+    async def run() -> RecordStats:
+        _stop_on_signals(recorder.stop)
+        await kafka.wait_for_broker(settings)
+        # A live capture of a topic nobody created yet would otherwise fail; creating
+        # it is what the worker and replay do too.
+        await kafka.ensure_topics(settings, recorder.specs)
+        return await recorder.run()
+
+    try:
+        stats = asyncio.run(run())
+    except (ConnectionError, RecordError, kafka.TopicMismatchError) as error:
+        click.echo(f"wattstream: {error}", err=True)
+        sys.exit(1)
+    result = {
+        "out": str(out),
+        "records": stats.records,
+        "rows_written": stats.rows_written,
+        "per_topic": stats.per_topic,
+        "stopped_by": stats.stopped_by,
+        "elapsed_s": round(stats.elapsed_s, 3),
+    }
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(" ".join(f"{k}={v}" for k, v in result.items() if k != "per_topic"))
+
+
+# --- simulate ---------------------------------------------------------------------------
+
+
+@main.group("simulate")
+def simulate_group() -> None:
+    """Device simulators that publish realistic telemetry (MQTT; SunSpec over Modbus)."""
+
+
+def _simulator_options(function: Any) -> Any:
+    """Options every MQTT simulator takes (pacing, where to publish)."""
+    for option in reversed(
+        [
+            click.option("--url", default="mqtt://localhost:1883", show_default=True),
+            click.option("--site", help="Site id in the topics."),
+            click.option(
+                "--topic",
+                default="sites/{site}/{kind}/{device}",
+                show_default=True,
+                help="Topic pattern.",
+            ),
+            click.option(
+                "--speed",
+                type=float,
+                default=60.0,
+                show_default=True,
+                help="Simulated seconds per wall-clock second.",
+            ),
+            click.option(
+                "--step-s",
+                type=float,
+                help="Simulated seconds between two readings of a device.",
+            ),
+            click.option(
+                "--duration-s",
+                type=float,
+                help="Simulated seconds to cover (default: until Ctrl-C).",
+            ),
+            click.option(
+                "--start",
+                type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M%z"]),
+                help="First simulated instant with its UTC offset (default: now).",
+            ),
+            click.option("--seed", type=int, default=0, show_default=True),
+            click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
+        ]
+    ):
+        function = option(function)
+    return function
+
+
+def _publisher_config(**values: Any) -> Any:
+    """A PublisherConfig from CLI values; a bad value exits 2 before any network work."""
+    from pydantic import ValidationError
+
+    from ingest.simulators.mqtt_publisher import PublisherConfig
+
+    try:
+        return PublisherConfig(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as error:
+        raise click.UsageError(_validation_message(error)) from None
+
+
+def _validation_message(error: Any) -> str:
+    return "; ".join(
+        f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+        if e["loc"]
+        else e["msg"]
+        for e in error.errors()
+    )
+
+
+def _run_simulation(
+    source: Any, config: Any, as_json: bool, extra: dict[str, Any] | None = None
+) -> None:
+    from ingest.simulators.mqtt_publisher import SimulationStats, run_simulation
+
+    stop = asyncio.Event()
+
+    def progress(stats: SimulationStats) -> None:
+        if not as_json and stats.steps % 10 == 1:
+            click.echo(f"simulated {stats.last_ts} readings={stats.readings_published}", err=True)
+
+    async def run() -> SimulationStats:
+        _stop_on_signals(stop.set)
+        return await run_simulation(source, config, stop=stop, on_step=progress)
+
+    try:
+        stats = asyncio.run(run())
+    except ConnectionError as error:
+        click.echo(f"wattstream: {error}", err=True)
+        sys.exit(1)
+    result = {
+        "steps": stats.steps,
+        "readings_published": stats.readings_published,
+        "messages_acked": stats.messages_acked,
+        "first_ts": stats.first_ts.isoformat() if stats.first_ts else None,
+        "last_ts": stats.last_ts.isoformat() if stats.last_ts else None,
+        **(extra or {}),
+    }
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(" ".join(f"{k}={v}" for k, v in result.items()))
+
+
+@simulate_group.command("mqtt")
+@_simulator_options
+@click.option("--homes", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--evs", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option(
+    "--annual-kwh",
+    type=click.FloatRange(min=0),
+    default=3500.0,
+    show_default=True,
+    help="Yearly consumption per home.",
+)
+@click.option(
+    "--pv-kwp",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Rooftop PV per home (0: none).",
+)
+def simulate_mqtt(
+    url: str,
+    site: str | None,
+    topic: str,
+    speed: float,
+    step_s: float | None,
+    duration_s: float | None,
+    start: Any,
+    seed: int,
+    as_json: bool,
+    homes: int,
+    evs: int,
+    annual_kwh: float,
+    pv_kwp: float,
+) -> None:
+    """Publish households (H25 load, PV) and EVs as JSON on MQTT, paced by --speed."""
+    from pydantic import ValidationError
+
+    from ingest.simulators.mqtt_publisher import FleetConfig, HomeFleet
+
+    _setup_logging("WARNING")
+    try:
+        fleet = FleetConfig(homes=homes, evs=evs, annual_kwh=annual_kwh, pv_kwp=pv_kwp)
+    except ValidationError as error:
+        raise click.UsageError(_validation_message(error)) from None
+    config = _publisher_config(
+        url=url,
+        site=site or "sim-home",
+        topic=topic,
+        speed=speed,
+        step_s=step_s,
+        duration_s=duration_s,
+        start=start,
+        seed=seed,
+    )
+    _run_simulation(HomeFleet(fleet, seed=seed).readings_at, config, as_json)
+
+
+@simulate_group.command("fusion")
+@_simulator_options
+@click.option(
+    "--scenario",
+    type=click.Choice(["nominal", "quench", "disruption", "runaway"]),
+    default="nominal",
+    show_default=True,
+    help="A nominal shot, or one with a labelled fault.",
+)
+@click.option(
+    "--shot-s",
+    type=click.FloatRange(min=60),
+    default=600.0,
+    show_default=True,
+    help="Simulated length of the shot (at least 60 s).",
+)
+def simulate_fusion(
+    url: str,
+    site: str | None,
+    topic: str,
+    speed: float,
+    step_s: float | None,
+    duration_s: float | None,
+    start: Any,
+    seed: int,
+    as_json: bool,
+    scenario: str,
+    shot_s: float,
+) -> None:
+    """Publish one tokamak shot (kind `fusion`) on MQTT; the fault onset goes to stderr."""
+    from datetime import UTC, datetime
+
+    from ingest.simulators.fusion import fusion_series, fusion_source
+
+    step = step_s if step_s is not None else 1.0
+    config = _publisher_config(
+        url=url,
+        site=site or "sim-fusion",
+        topic=topic,
+        speed=speed,
+        step_s=step,
+        # One shot; --duration-s may cut it short.
+        duration_s=min(duration_s, shot_s) if duration_s is not None else shot_s,
+        start=start,
+        seed=seed,
+    )
+    try:
+        series = fusion_series(scenario, config.start or datetime.now(UTC), shot_s, step, seed=seed)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    _setup_logging("WARNING")
+    if series.fault_onset is not None:
+        click.echo(f"{scenario}: fault onset at {series.fault_onset.isoformat()}", err=True)
+    config = config.model_copy(update={"start": series.readings[0].ts})
+    onset = series.fault_onset.isoformat() if series.fault_onset else None
+    _run_simulation(
+        fusion_source(series), config, as_json, {"scenario": scenario, "fault_onset": onset}
+    )
+
+
+@simulate_group.command("sunspec")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=5020, show_default=True)
+@click.option("--pv-peak-kw", type=click.FloatRange(min=0), default=6.0, show_default=True)
+@click.option(
+    "--battery-capacity-kwh", type=click.FloatRange(min=0.1), default=10.0, show_default=True
+)
+@click.option("--site", default="sim-site", show_default=True, help="Site id in the sample config.")
+def simulate_sunspec(
+    host: str, port: int, pv_peak_kw: float, battery_capacity_kwh: float, site: str
+) -> None:
+    """Serve a SunSpec inverter (unit 1), battery (unit 2) and meter (unit 3) over Modbus TCP.
+
+    PV follows a clear-sky curve, the battery covers part of the house load, the
+    meter sees the rest; values change as the clock moves. Prints the
+    `[[modbus.devices]]` of a connector config that reads them. Ctrl-C stops it.
+    """
+    from datetime import datetime
+
+    from ingest.simulators import sunspec_server as sim
+
+    def battery_power_w(now: datetime) -> float:
+        # Discharge 1.5 kW in the evening, charge from PV at midday, idle otherwise.
+        hour = now.hour + now.minute / 60
+        return 1500.0 if 17 <= hour < 22 else (-2000.0 if 10 <= hour < 15 else 0.0)
+
+    def meter_profile(now: datetime, dt_s: float) -> dict[int, dict[str, float]]:
+        house_load_w = 800.0 + 600.0 * (17 <= now.hour < 23)
+        pv_w = sim.clear_sky_power_w(now, pv_peak_kw * 1000)
+        return {203: {"W": house_load_w - pv_w - battery_power_w(now)}}
+
+    capacity_wh = battery_capacity_kwh * 1000
+    devices = [
+        sim.inverter(1, profile=sim.pv_profile(pv_peak_kw * 1000)),
+        sim.battery(
+            2,
+            capacity_wh=capacity_wh,
+            profile=sim.battery_profile(battery_power_w, capacity_wh, 50.0),
+        ),
+        sim.meter(3, profile=meter_profile),
+    ]
+    server = sim.SunSpecServer(devices, host=host, port=port)
+    _setup_logging("WARNING")
+
+    async def serve() -> None:
+        await server.start()
+        for unit_id, device, kind in (
+            (1, "pv-1", "solar"),
+            (2, "battery-1", "battery"),
+            (3, "meter-1", "meter"),
+        ):
+            click.echo(
+                f'[[modbus.devices]]\nhost = "{host}"\nport = {port}\nunit_id = {unit_id}\n'
+                f'site = "{site}"\ndevice = "{device}"\nkind = "{kind}"\n'
+            )
+        click.echo(f"SunSpec simulator on {host}:{port}; Ctrl-C stops it", err=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+
+    asyncio.run(serve())
 
 
 # --- schemas, topics, config ------------------------------------------------------------
@@ -278,6 +713,7 @@ def schemas_group() -> None:
 
 
 main.add_command(schemas_group, name="schemas")
+main.add_command(ingest_group)
 
 
 @schemas_group.command("export")
