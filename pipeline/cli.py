@@ -649,27 +649,40 @@ def simulate_sunspec(
 ) -> None:
     """Serve a SunSpec inverter (unit 1), battery (unit 2) and meter (unit 3) over Modbus TCP.
 
-    PV follows a clear-sky curve, the battery covers part of the house load, the
-    meter sees the rest; values change as the clock moves. Prints the
-    `[[modbus.devices]]` of a connector config that reads them. Ctrl-C stops it.
+    A household on the simulators' realistic profiles: PV from pvlib's TMY3
+    weather through PVWatts, load from demandlib's BDEW H25 profile, and a
+    self-consumption battery between them; the meter sees the rest. Values follow
+    the clock. Prints the `[[modbus.devices]]` of a connector config that reads
+    them. Ctrl-C stops it.
     """
     from datetime import datetime
 
+    from ingest.simulators import profiles
     from ingest.simulators import sunspec_server as sim
 
+    array = profiles.PvArray(kwp=pv_peak_kw, inverter_kw=pv_peak_kw * 0.92)
+    capacity_wh = battery_capacity_kwh * 1000
+    battery_limit_w = capacity_wh / 2  # a 0.5 C battery
+
+    def pv_w(now: datetime) -> float:
+        return profiles.pv_power_kw(now, array) * 1000
+
+    def load_w(now: datetime) -> float:
+        return profiles.household_load_kw("home-1", now) * 1000
+
     def battery_power_w(now: datetime) -> float:
-        # Discharge 1.5 kW in the evening, charge from PV at midday, idle otherwise.
-        hour = now.hour + now.minute / 60
-        return 1500.0 if 17 <= hour < 22 else (-2000.0 if 10 <= hour < 15 else 0.0)
+        # Self-consumption: cover the deficit, soak up the surplus (positive = discharge).
+        # The simulated SoC clamps at 0..100 %; the point is realistic register traffic.
+        return max(-battery_limit_w, min(battery_limit_w, load_w(now) - pv_w(now)))
+
+    def inverter_profile(now: datetime, dt_s: float) -> dict[int, dict[str, float]]:
+        return {103: {"W": round(pv_w(now))}}
 
     def meter_profile(now: datetime, dt_s: float) -> dict[int, dict[str, float]]:
-        house_load_w = 800.0 + 600.0 * (17 <= now.hour < 23)
-        pv_w = sim.clear_sky_power_w(now, pv_peak_kw * 1000)
-        return {203: {"W": house_load_w - pv_w - battery_power_w(now)}}
+        return {203: {"W": round(load_w(now) - pv_w(now) - battery_power_w(now))}}
 
-    capacity_wh = battery_capacity_kwh * 1000
     devices = [
-        sim.inverter(1, profile=sim.pv_profile(pv_peak_kw * 1000)),
+        sim.inverter(1, profile=inverter_profile),
         sim.battery(
             2,
             capacity_wh=capacity_wh,
