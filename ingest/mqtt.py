@@ -722,34 +722,10 @@ class MqttConnector:
             self._disconnecting = True
             # PUBACKs already queued go out before the DISCONNECT (one ordered queue).
             client.disconnect()
-            await self._join_network_thread(client)
+            await join_network_thread(client)
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
-
-    async def _join_network_thread(self, client: paho.Client) -> None:
-        """``loop_stop()`` joins paho's thread; join from a helper thread, not the event loop.
-
-        The thread exits within about a second (paho sleeps in 1 s slices while
-        waiting to reconnect); 10 s bounds a hang without failing a slow machine.
-        """
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-
-        def resolve() -> None:
-            if not done.done():
-                done.set_result(None)
-
-        def join() -> None:
-            client.loop_stop()
-            with contextlib.suppress(RuntimeError):  # the loop may be closed by now
-                loop.call_soon_threadsafe(resolve)
-
-        threading.Thread(target=join, name="mqtt-loop-stop", daemon=True).start()
-        try:
-            await asyncio.wait_for(done, 10.0)
-        except TimeoutError:
-            log.warning("paho network thread did not stop within 10 s")
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -1012,6 +988,32 @@ class MqttConnector:
             return
         with contextlib.suppress(RuntimeError):  # loop closed: the message stays unacked
             loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+
+async def join_network_thread(client: paho.Client) -> None:
+    """Stop paho's network thread and wait for it, without blocking the event loop.
+
+    ``loop_stop()`` joins the thread, so it runs in a daemon helper thread (not the
+    default executor, whose threads outlive the call). paho sleeps in 1 s slices
+    while waiting to reconnect: 10 s bounds a hang without failing a slow machine.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def resolve() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def join() -> None:
+        client.loop_stop()
+        with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+            loop.call_soon_threadsafe(resolve)
+
+    threading.Thread(target=join, name="mqtt-loop-stop", daemon=True).start()
+    try:
+        await asyncio.wait_for(done, 10.0)
+    except TimeoutError:
+        log.warning("paho network thread did not stop within 10 s")
 
 
 def _chunks(items: list[Reading], size: int) -> Iterator[list[Reading]]:

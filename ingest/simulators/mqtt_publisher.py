@@ -43,6 +43,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
+from ingest.mqtt import join_network_thread
 from ingest.simulators.profiles import (
     EvConfig,
     PvArray,
@@ -168,7 +169,7 @@ class MqttPublisher:
                 break
             await asyncio.sleep(0.05)
         self._client.disconnect()
-        await _join_network_thread(self._client)
+        await join_network_thread(self._client)
 
     def _on_connect(
         self,
@@ -204,29 +205,6 @@ class MqttPublisher:
     ) -> None:
         with self._lock:
             self.acked += 1
-
-
-async def _join_network_thread(client: paho.Client) -> None:
-    """``loop_stop()`` joins paho's thread: do it from a daemon helper, not the event loop
-    (which would block), and not the default executor (whose threads outlive the call)."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def resolve() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    def join() -> None:
-        client.loop_stop()
-        with contextlib.suppress(RuntimeError):  # the loop may be closed by now
-            loop.call_soon_threadsafe(resolve)
-
-    threading.Thread(target=join, name="mqtt-sim-loop-stop", daemon=True).start()
-    try:
-        # paho's thread sleeps in 1 s slices: 10 s bounds a hang, not a slow machine.
-        await asyncio.wait_for(done, 10.0)
-    except TimeoutError:
-        log.warning("paho network thread did not stop within 10 s")
 
 
 @dataclass
