@@ -73,6 +73,7 @@ from pymodbus.exceptions import ModbusException
 
 from ingest import sunspec
 from pipeline import codec, kafka, topics
+from pipeline.backoff import Backoff
 from pipeline.schemas import (
     READING_MODELS,
     Alert,
@@ -411,11 +412,11 @@ class ModbusConnector:
         loop = asyncio.get_running_loop()
         interval_s = state.config.poll_interval_s
         next_at = loop.time()
-        backoff_s = self.config.reconnect_min_s
+        backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s, self._random)
         while not self._stop_requested.is_set():
             ok = await self._poll_once(state)
             if ok or state.outage_start is None:
-                backoff_s = self.config.reconnect_min_s
+                backoff.reset()
                 # Fixed rate: the schedule does not drift by the poll's own duration;
                 # a poll that overran skips the slots it missed instead of bursting.
                 next_at += interval_s
@@ -423,10 +424,9 @@ class ModbusConnector:
                     next_at = loop.time() + interval_s
                 delay_s = next_at - loop.time()
             else:
-                # Offline: retry with capped exponential backoff and +-50 % jitter, so
-                # many devices that dropped together do not retry in lockstep.
-                delay_s = backoff_s * (0.5 + self._random.random())
-                backoff_s = min(backoff_s * 2, self.config.reconnect_max_s)
+                # Offline: capped exponential backoff with jitter, so many devices
+                # that dropped together do not retry in lockstep.
+                delay_s = backoff.next_delay_s()
                 next_at = loop.time() + delay_s
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_requested.wait(), max(delay_s, 0.0))

@@ -44,7 +44,6 @@ import hashlib
 import io
 import itertools
 import logging
-import random
 import re
 import tomllib
 from collections import OrderedDict
@@ -63,6 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ingest.entsoe import DocumentError, NoDataError, parse_day_ahead
 from pipeline import codec, kafka, topics
+from pipeline.backoff import Backoff
 from pipeline.codec import DecodeError, Rejected
 from pipeline.schemas import Identifier, Message, PriceKind, PriceTick, dead_letter
 from pipeline.settings import Settings
@@ -539,7 +539,7 @@ class Feed(Generic[M]):
         self._session: aiohttp.ClientSession | None = None
         self._stopping = asyncio.Event()
         self._run_task: asyncio.Task[None] | None = None
-        self._failures = 0
+        self._backoff_delays = Backoff(config.reconnect_initial_s, config.reconnect_max_s)
 
     # subclasses say how a document becomes messages and what identifies one
     def parse(self, raw: bytes) -> Parsed[M]:
@@ -633,18 +633,13 @@ class Feed(Generic[M]):
         except KafkaError as error:
             # Nothing is remembered as sent until acknowledged: the next poll re-sends.
             return self._backoff(f"Kafka: {error}")
-        self._failures = 0
+        self._backoff_delays.reset()
         return self.config.poll_interval_s
 
     def _backoff(self, reason: str) -> float:
         self.stats.fetch_errors += 1
         self.stats.last_error = reason
-        ceiling_s = min(
-            self.config.reconnect_max_s, self.config.reconnect_initial_s * 2**self._failures
-        )
-        self._failures = min(self._failures + 1, 30)  # 2**30 s is past any ceiling
-        # Jitter in [ceiling/2, ceiling]: feeds restarted together do not poll in lockstep.
-        delay_s = ceiling_s * (0.5 + random.random() / 2)  # noqa: S311 - not cryptographic
+        delay_s = self._backoff_delays.next_delay_s()
         log.warning("%s: %s; retrying in %.1f s", self.source_label, reason, delay_s)
         return delay_s
 

@@ -28,7 +28,6 @@ import asyncio
 import gzip
 import logging
 import os
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from pydantic import BaseModel
 
 from pipeline import codec, kafka, topics
+from pipeline.backoff import Backoff
 from pipeline.schemas import TelemetryBatch
 from pipeline.settings import InfluxSettings, Settings
 from sinks.lineprotocol import LINES_BY_SCHEMA
@@ -341,7 +341,7 @@ class InfluxSink:
 
     async def _write_until_done(self, lines: list[bytes]) -> bool:
         """Write, retrying until written or refused (True), or until the sink stops (False)."""
-        delay_s = self.influx.retry_initial_s
+        backoff = Backoff(self.influx.retry_initial_s, self.influx.retry_max_s)
         paused: set[TopicPartition] = set()
         try:
             while True:
@@ -366,8 +366,7 @@ class InfluxSink:
                         self._consumer.pause(*paused)
                     wait_s = error.retry_after_s
                     if wait_s is None:
-                        wait_s = delay_s * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
-                        delay_s = min(delay_s * 2, self.influx.retry_max_s)
+                        wait_s = backoff.next_delay_s()
                     log.warning(
                         "influx sink: write failed (%s); %d points held, offsets uncommitted, "
                         "retry in %.1f s",
