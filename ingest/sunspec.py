@@ -125,10 +125,6 @@ class ModelDef:
                 return point
         raise KeyError(f"model {self.model_id} has no point {name!r}")
 
-    @property
-    def scaled_points(self) -> tuple[Point, ...]:
-        return tuple(p for p in self.points if p.sf is not None)
-
 
 def _size_of(point_json: Mapping[str, Any]) -> int:
     size = int(point_json["size"])

@@ -178,15 +178,6 @@ class EmbeddedBroker(LocalProcess):
         except OSError:
             return False
 
-    def pause(self) -> None:
-        """Freeze the broker (SIGSTOP): clients see it hang, as in a network partition."""
-        if self._process is not None:
-            self._process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        if self._process is not None:
-            self._process.send_signal(signal.SIGCONT)
-
 
 def with_embedded_broker(settings: Settings, broker: EmbeddedBroker) -> Settings:
     """Settings pointed at a running embedded broker.

@@ -244,9 +244,6 @@ class Settings(BaseSettings):
         """The full name of a registry topic in this deployment."""
         return spec.full_name(self.topic_prefix)
 
-    def site(self, site_id: str) -> SiteConfig | None:
-        return next((s for s in self.sites if s.id == site_id), None)
-
     def redacted(self) -> dict[str, Any]:
         """The settings as JSON-able data, secrets masked: safe to log or print."""
         return self.model_dump(mode="json")

@@ -49,12 +49,11 @@ def raw_topic(app: faust.App, settings: Settings, *specs: topics.TopicSpec) -> f
 
 
 class DeadLetters:
-    """Sends rejected records to the dead-letter topic and counts them."""
+    """Sends rejected records to the dead-letter topic, with the reason and the raw bytes."""
 
     def __init__(self, app: faust.App, settings: Settings, component: str) -> None:
         self.topic = raw_topic(app, settings, topics.DEAD_LETTERS)
         self.component = component
-        self.count = 0
 
     async def reject(
         self,
@@ -74,7 +73,6 @@ class DeadLetters:
             partition=message.partition,
             offset=message.offset,
         )
-        self.count += 1
         log.warning(
             "dead-lettered record from %s[%d]@%d: %s",
             message.topic,

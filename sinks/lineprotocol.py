@@ -12,7 +12,7 @@ InfluxDB rejects a field whose type changes between writes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -104,7 +104,3 @@ LINES_BY_SCHEMA: dict[type[BaseModel], Callable[[Any], list[bytes]]] = {
     Decision: decision_lines,
     PriceTick: price_lines,
 }
-
-
-def lines_for(messages: Iterable[BaseModel]) -> list[bytes]:
-    return [line for message in messages for line in LINES_BY_SCHEMA[type(message)](message)]

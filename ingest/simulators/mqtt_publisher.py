@@ -278,7 +278,7 @@ class FleetConfig(BaseModel):
     timezone: str = "Europe/Berlin"
 
     @model_validator(mode="after")
-    def _something(self) -> FleetConfig:
+    def _simulates_something(self) -> FleetConfig:
         if self.homes == 0 and self.evs == 0:
             raise ValueError("homes and evs are both 0: nothing to simulate")
         return self
