@@ -99,7 +99,11 @@ class InfluxSettings(_Area):
     """v1 only: ``CREATE DATABASE`` at start-up (idempotent); off for read-only users."""
     file: Path = Path("out/influx.lp")
     """Where line protocol goes when no ``url`` is set."""
-    batch_size_points: Annotated[int, Field(ge=1, le=1_000_000)] = 5_000
+    batch_size_points: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    """A write is sent when this many points are buffered (or every flush_interval_s)."""
+    buffer_points: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
+    """Most points held in memory, also while InfluxDB is down; what does not fit
+    stays in Kafka (uncommitted) and is counted as overflow, never dropped."""
     flush_interval_s: PositiveFloat = 1.0
     timeout_s: PositiveFloat = 10.0
     retry_initial_s: PositiveFloat = 0.5
@@ -111,6 +115,15 @@ class InfluxSettings(_Area):
     def _url_scheme(self) -> Self:
         if self.url is not None and not self.url.startswith(("http://", "https://")):
             raise ValueError(f"influx.url must start with http:// or https://, got {self.url!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _buffer_holds_a_batch(self) -> Self:
+        if self.buffer_points < self.batch_size_points:
+            raise ValueError(
+                f"influx.buffer_points ({self.buffer_points}) must be at least "
+                f"influx.batch_size_points ({self.batch_size_points})"
+            )
         return self
 
 

@@ -219,7 +219,11 @@ async def test_line_protocol_file_when_no_url(
     async with running(sink):
         await eventually(lambda: fully_committed(settings, sink))
     lines = (tmp_path / "out" / "points.lp").read_text().splitlines()
-    assert len(lines) == 4 and all(line.startswith("decision,") for line in lines)
+    data = [line for line in lines if not line.startswith("wattstream_sink,")]
+    assert len(data) == 4 and all(line.startswith("decision,") for line in data)
+    # The sink's own counters travel with each write (as counted before it).
+    (counters,) = [line for line in lines if line.startswith("wattstream_sink,")]
+    assert "records_consumed=4" in counters and "points_written=0" in counters
 
 
 # --- error answers, from real local HTTP servers ---------------------------------------------

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from pipeline.schemas import Decision, PriceTick, TelemetryBatch
-from sinks.lineprotocol import decision_lines, epoch_ms, price_lines, telemetry_lines
+from pipeline.schemas import Alert, AllocationPlan, Decision, PriceTick, TelemetryBatch
+from sinks.lineprotocol import (
+    alert_lines,
+    allocation_lines,
+    decision_lines,
+    epoch_ns,
+    price_lines,
+    telemetry_lines,
+)
 
 T0 = datetime(2025, 4, 7, 12, tzinfo=UTC)
-T0_MS = 1744027200000
+T0_NS = 1744027200000000000
 
 
 def test_readings_become_points_of_their_kind_with_floats_kept_floats() -> None:
@@ -31,12 +38,12 @@ def test_readings_become_points_of_their_kind_with_floats_kept_floats() -> None:
     )
     battery, generator = telemetry_lines(batch)
     assert battery == (
-        b"battery,device=bat-1,site=turin-home power_kw=5,soc_pct=40 " + str(T0_MS).encode()
+        b"battery,device=bat-1,site=turin-home power_kw=5,soc_pct=40 " + str(T0_NS).encode()
     )
     # None fields (voltage_v, temperature_c, fuel_pct) are left out; bools stay bools.
     assert (
         generator
-        == b"generator,device=g,site=turin-home power_kw=0.5,running=true " + str(T0_MS).encode()
+        == b"generator,device=g,site=turin-home power_kw=0.5,running=true " + str(T0_NS).encode()
     )
 
 
@@ -62,26 +69,110 @@ def test_decision_point_carries_tags_fields_and_interval_start() -> None:
     assert line.startswith(b"decision,action=CHARGE,device=b,site=s,strategy=threshold ")
     assert b"power_kw=-5," in line and b"soc_pct=40 " in line  # floats: no "i" suffix
     assert b'decision_id="dec-1"' in line and b'reason="cheap \\"now\\""' in line
-    assert line.endswith(str(T0_MS).encode())
+    assert line.endswith(str(T0_NS).encode())
 
 
 def test_price_point() -> None:
     tick = PriceTick(market="IT-NORD", start=T0, end=T0 + timedelta(hours=1), price_per_kwh=-0.01)
     assert price_lines(tick) == [
         b"price,currency=EUR,market=IT-NORD,price_kind=day_ahead price_per_kwh=-0.01 "
-        + str(T0_MS).encode()
+        + str(T0_NS).encode()
     ]
 
 
-def test_timestamps_are_exact_to_the_millisecond() -> None:
-    # influxdb-client's float conversion writes this instant as ...689.
+def test_timestamps_are_exact() -> None:
+    # influxdb-client's float conversion writes this instant as ...689 ms.
     ts = datetime(2025, 7, 21, 4, 57, 39, 690000, tzinfo=UTC)
     tick = PriceTick(market="M", start=ts, end=ts + timedelta(hours=1), price_per_kwh=0.1)
-    assert price_lines(tick)[0].endswith(b" 1753073859690")
+    assert price_lines(tick)[0].endswith(b" 1753073859690000000")
 
 
-def test_every_millisecond_of_a_day_round_trips() -> None:
+def test_every_microsecond_step_of_a_day_round_trips() -> None:
     start = datetime(2025, 3, 30, tzinfo=UTC)
-    for ms in range(0, 86_400_000, 86_400_000 // 20_000):
-        ts = start + timedelta(milliseconds=ms)
-        assert epoch_ms(ts) == int(start.timestamp()) * 1000 + ms
+    for us in range(0, 86_400_000_000, 86_400_000_000 // 20_000 + 7):
+        ts = start + timedelta(microseconds=us)
+        assert epoch_ns(ts) == int(start.timestamp()) * 10**9 + us * 1000
+
+
+def _alert(alert_id: str, status: str = "firing", **extra: object) -> Alert:
+    return Alert.model_validate(
+        {
+            "alert_id": alert_id,
+            "site": "s",
+            "device": "reactor-1",
+            "alert_type": "scram",
+            "severity": "critical",
+            "status": status,
+            "subject": "SCRAM",
+            "message": "q fell",
+            "start": T0,
+            "end": T0 + timedelta(minutes=5) if status == "resolved" else None,
+            "observed": 0.4,
+            **extra,
+        }
+    )
+
+
+def test_events_at_the_same_instant_are_distinct_points_and_rewrites_the_same_point() -> None:
+    first, second = _alert("a-1"), _alert("a-2")
+    (line_1,), (line_2,) = alert_lines(first), alert_lines(second)
+    time_1, time_2 = int(line_1.rsplit(b" ", 1)[1]), int(line_2.rsplit(b" ", 1)[1])
+    assert time_1 != time_2
+    # The offset stays below a millisecond: the point is still at the alert's time.
+    assert all(0 <= t - T0_NS < 1_000_000 for t in (time_1, time_2))
+    assert alert_lines(first) == [line_1]
+
+
+def test_alert_point_tags_fields_and_resolution_time() -> None:
+    (line,) = alert_lines(_alert("a-1", details={"q_factor": 0.4, "note": "x"}))
+    assert line.startswith(
+        b"alert,alert_type=scram,device=reactor-1,severity=critical,site=s,status=firing "
+    )
+    assert b"detail_q_factor=0.4" in line and b"note" not in line  # only numeric details
+    (resolved,) = alert_lines(_alert("a-1", status="resolved"))
+    resolved_ns = int(resolved.rsplit(b" ", 1)[1])
+    assert 0 <= resolved_ns - epoch_ns(T0 + timedelta(minutes=5)) < 1_000_000
+
+
+def test_allocation_plan_gives_a_plan_point_and_one_point_per_consumer() -> None:
+    plan = AllocationPlan.model_validate(
+        {
+            "plan_id": "p",
+            "site": "s",
+            "start": T0,
+            "end": T0 + timedelta(minutes=15),
+            "sources": [{"source": "solar", "power_kw": 3}, {"source": "grid", "power_kw": 2}],
+            "allocations": [
+                {
+                    "consumer": "hvac",
+                    "priority": 1,
+                    "requested_kw": 4,
+                    "allocated_kw": 3,
+                    "sources": [{"source": "solar", "power_kw": 3}],
+                }
+            ],
+            "grid_cost": 0.5,
+            "export_revenue": 0,
+            "net_cost": 0.5,
+            "baseline_net_cost": 0.9,
+            "saving": 0.4,
+        }
+    )
+    plan_line, hvac = allocation_lines(plan)
+    assert plan_line.startswith(b"allocation_plan,currency=EUR,site=s ")
+    assert b"solar_kw=3" in plan_line and b"grid_kw=2" in plan_line and b"saving=0.4" in plan_line
+    assert hvac.startswith(b"allocation,consumer=hvac,priority=1,site=s ")
+    assert b"unserved_kw=1" in hvac and b"solar_kw=3" in hvac
+
+
+def test_every_output_topic_has_a_mapping() -> None:
+    from pipeline import topics
+    from sinks.lineprotocol import LINES_BY_SCHEMA
+
+    public = [spec for spec in topics.ALL_TOPICS if not spec.internal]
+    unmapped = [
+        spec.name
+        for spec in public
+        if spec.value_schema not in LINES_BY_SCHEMA and spec is not topics.DEAD_LETTERS
+    ]
+    assert unmapped == []
