@@ -184,24 +184,69 @@ async def test_v2_write_api_against_victoria_metrics(
     assert sorted(zip(series["timestamps"], series["values"], strict=True)) == expected
 
 
-async def test_an_influxdb_outage_loses_nothing(settings_v1: Settings, influxdb: InfluxDB1) -> None:
-    database = settings_v1.influx.database
-    sink = InfluxSink(settings_v1, specs=(topics.TELEMETRY,))
-    async with running(sink):
-        await produce(settings_v1, topics.TELEMETRY, [telemetry(n) for n in range(3)])
-        await eventually(lambda: sink.stats.points_written == 30)
-        influxdb.stop()
+OUTAGE_S = 30.0
+
+
+async def test_a_30_s_influxdb_outage_mid_stream_loses_nothing_and_counts_overflow(
+    settings_v1: Settings, influxdb: InfluxDB1
+) -> None:
+    """A producer keeps streaming while InfluxDB is down for 30 s.
+
+    The buffer holds 25 points (records carry 10): during the outage it fills,
+    the rest stays in Kafka and is counted as overflow; afterwards every point
+    is in InfluxDB and every offset is committed.
+    """
+    settings = settings_v1.model_copy(
+        update={
+            "influx": settings_v1.influx.model_copy(
+                update={"batch_size_points": 20, "buffer_points": 25, "retry_max_s": 2.0}
+            )
+        }
+    )
+    database = settings.influx.database
+    sink = InfluxSink(settings, specs=(topics.TELEMETRY,))
+    sent = 0
+    streaming = asyncio.Event()
+    streaming.set()
+
+    async def stream() -> None:
+        nonlocal sent
+        producer = kafka.producer(settings)
+        await producer.start()
         try:
-            await produce(settings_v1, topics.TELEMETRY, [telemetry(n) for n in range(3, 10)])
+            while streaming.is_set():
+                batch = telemetry(sent)
+                await producer.send_and_wait(
+                    settings.topic(topics.TELEMETRY), codec.encode(batch), key=b"s1"
+                )
+                sent += 1
+                await asyncio.sleep(0.1)
+        finally:
+            await producer.stop()
+
+    async with running(sink):
+        streamer = asyncio.create_task(stream())
+        await eventually(lambda: sink.stats.points_written >= 30)
+        influxdb.stop()
+        outage_started = asyncio.get_running_loop().time()
+        try:
             await eventually(lambda: sink.stats.retries >= 2)
-            lag = await kafka.group_lag(settings_v1, sink.group_id, sink.topic_names)
+            lag = await kafka.group_lag(settings, sink.group_id, sink.topic_names)
             assert lag.total > 0, "nothing may be committed while InfluxDB is down"
-            await asyncio.sleep(3)
+            await asyncio.sleep(OUTAGE_S - (asyncio.get_running_loop().time() - outage_started))
+            written_during_outage = sink.stats.points_written
         finally:
             influxdb.start()
-        await eventually(lambda: sink.stats.points_written == 100)
-        await eventually(lambda: fully_committed(settings_v1, sink))
-    assert len(influxdb.rows("SELECT * FROM meter", database)) == 100
+        await asyncio.sleep(2)
+        streaming.clear()
+        await streamer
+        await eventually(lambda: sink.stats.points_written == sent * 10, timeout_s=60)
+        await eventually(lambda: fully_committed(settings, sink))
+
+    assert sent > 250, "the stream kept going through the outage"
+    assert len(influxdb.rows("SELECT * FROM meter", database)) == sent * 10
+    assert written_during_outage < sent * 10
+    assert sink.stats.overflow_records > 0, "a 25-point buffer must overflow in 30 s"
     assert sink.stats.points_dropped == 0
 
 
