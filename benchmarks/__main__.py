@@ -13,18 +13,25 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import orjson
+
 from ingest.replay import Replay, read_telemetry, site_batches
-from pipeline import kafka
+from pipeline import codec, kafka, topics
 from pipeline.local import EmbeddedBroker, with_embedded_broker
 from pipeline.schemas import BatteryReading, PriceTick
 from pipeline.settings import BatteryConfig, ReplaySettings, SiteConfig, load_settings
 from processors.arbitrage import SiteArbitrage, SiteState, decide_threshold
+from sinks.columnar import encode_telemetry
+from sinks.influx import InfluxSink
+from sinks.lineprotocol import telemetry_lines
+from tests.servers import InfluxDB1, VictoriaMetrics
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample"
@@ -186,9 +193,114 @@ def bench_modbus() -> dict[str, float]:
         return asyncio.run(_modbus_poll_rate(broker, devices=3, window_s=3.0))
 
 
+def _sample_records(rounds: int) -> list[tuple[str, bytes]]:
+    """The sample's telemetry records, ``rounds`` times, each round a week later."""
+    frame, _ = read_telemetry(SAMPLE / "telemetry.parquet")
+    week_ms = 7 * 24 * 3600 * 1000
+    return [
+        (batch.site, batch.value)
+        for round_ in range(rounds)
+        for batches in site_batches(
+            frame, "bench", ReplaySettings(), round_=round_, shift_ms=round_ * week_ms
+        )
+        for batch, _ in batches
+        if batch
+    ]
+
+
+def bench_sink_encode() -> dict[str, float]:
+    """Telemetry records -> line protocol: the columnar path and the per-record one."""
+    values = [value for _, value in _sample_records(1)]
+    points = encode_telemetry(values).lines.len()
+    columnar_s = median_seconds(lambda: encode_telemetry(values), repeats=5)
+
+    def one_by_one() -> None:
+        for value in values:
+            batch, _ = codec.decode_telemetry(value)
+            assert batch is not None
+            telemetry_lines(batch)
+
+    per_record_s = median_seconds(one_by_one, repeats=3)
+    return {
+        "sink_encode_columnar_points_per_s": points / columnar_s,
+        "sink_encode_per_record_points_per_s": points / per_record_s,
+    }
+
+
+async def _sink_rate(broker: EmbeddedBroker, influx: dict[str, object], rounds: int) -> float:
+    """Points/s of one sink from its first record to its last point written."""
+    settings = with_embedded_broker(
+        load_settings(
+            SAMPLE / "wattstream.toml",
+            topic_prefix=f"bench-{uuid.uuid4().hex[:8]}.",
+            influx={"batch_size_points": 20_000, **influx},
+        ),
+        broker,
+    )
+    await kafka.ensure_topics(settings)
+    records = _sample_records(rounds)
+    producer = kafka.producer(settings)
+    await producer.start()
+    try:
+        for site, value in records:
+            await producer.send(settings.topic(topics.TELEMETRY), value, key=site.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+    sink = InfluxSink(settings, specs=(topics.TELEMETRY,))
+    await sink.start()  # joins the group first: the figure is the writing, not the join
+    task = asyncio.create_task(sink.run())
+    expected = sum(len(orjson.loads(value)["readings"]) for _, value in records)
+    first_record_s: float | None = None
+    while sink.stats.points_written < expected:
+        if first_record_s is None and sink.stats.records_consumed:
+            first_record_s = time.perf_counter()
+        await asyncio.sleep(0.005)
+    elapsed_s = time.perf_counter() - (first_record_s or time.perf_counter())
+    await sink.stop()
+    await task
+    return expected / elapsed_s
+
+
+def bench_sink_influxdb() -> dict[str, float]:
+    """Telemetry from the embedded broker into a real InfluxDB 1.6.7 (v1 API), one sink."""
+    with EmbeddedBroker() as broker, InfluxDB1() as influxdb:
+        influx = {"url": influxdb.url, "api": "v1", "database": "bench"}
+        rates = [asyncio.run(_sink_rate(broker, influx, rounds=3)) for _ in range(3)]
+    return {"sink_into_influxdb_v1_points_per_s": statistics.median(rates)}
+
+
+def bench_sink_victoria_metrics() -> dict[str, float]:
+    """The same into VictoriaMetrics through the v2 write API (influxdb-client).
+
+    VictoriaMetrics ingests several times faster than InfluxDB 1.6 here, so this
+    is closer to the sink's own ceiling on this machine.
+    """
+    with EmbeddedBroker() as broker, VictoriaMetrics() as victoria:
+        influx = {"url": victoria.url, "api": "v2", "token": "unused"}
+        rates = [asyncio.run(_sink_rate(broker, influx, rounds=3)) for _ in range(3)]
+    return {"sink_into_victoria_metrics_v2_points_per_s": statistics.median(rates)}
+
+
+BENCHES: dict[str, Callable[[], dict[str, float]]] = {
+    "rule": bench_rule,
+    "replay-encode": bench_replay_encode,
+    "replay-broker": bench_replay_broker,
+    "modbus": bench_modbus,
+    "sink-encode": bench_sink_encode,
+    "sink-influxdb": bench_sink_influxdb,
+    "sink-victoria-metrics": bench_sink_victoria_metrics,
+}
+
+
 def main() -> None:
+    """Run every benchmark, or those named (``python -m benchmarks sink-influxdb``)."""
+    chosen = sys.argv[1:] or list(BENCHES)
+    unknown = [name for name in chosen if name not in BENCHES]
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
     results: dict[str, float] = {}
-    for bench in (bench_rule, bench_replay_encode, bench_replay_broker, bench_modbus):
+    for bench in (BENCHES[name] for name in chosen):
         results.update(bench())
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     width = max(len(k) for k in results)

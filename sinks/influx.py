@@ -25,6 +25,7 @@ The line protocol itself is influxdb-client's (see :mod:`sinks.lineprotocol`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import logging
 import os
@@ -66,6 +67,9 @@ DEFAULT_TOPICS = (
     topics.COMMANDS,
 )
 """Every topic with a line-protocol mapping: what Grafana's dashboards read."""
+
+
+_POLL_AT_LEAST_EVERY_S = 10.0
 
 
 class SinkError(Exception):
@@ -357,8 +361,14 @@ class InfluxSink:
         self._consumer: AIOKafkaConsumer = None
         self._buffer = _Buffer()
         self._in_flight_points = 0
+        self._writing: asyncio.Task[bool] | None = None
+        self._last_poll_s = 0.0
+        self._writing_buffer = _Buffer()
+        self._writing_started_s = 0.0
+        self._retries_before = 0
         self._paused: set[TopicPartition] = set()
-        self._points_per_record = 1.0
+        self._points_per_record: float | None = None
+        """Measured (moving average): sizes polls to fit the buffer and a batch."""
         self._started = False
         self._running = False
         self._run_exited = asyncio.Event()
@@ -385,31 +395,57 @@ class InfluxSink:
         )
 
     async def run(self) -> None:
-        """Consume, write and commit until :meth:`stop` (or cancellation), then flush."""
+        """Consume, write and commit until :meth:`stop` (or cancellation), then flush.
+
+        One write is in flight while the next batch is read and encoded, so
+        encoding and InfluxDB's work overlap; offsets are committed in order,
+        each after its own write.
+        """
         await self.start()
         self._running = True
         try:
             while not self._stopping.is_set():
-                await self._poll(timeout_s=self.influx.flush_interval_s)
-                if self._due():
-                    await self._flush()
-            await self._flush()
+                if self._writing is not None and self._full() and not self._poll_overdue():
+                    # Full: reading now would only put records back. Wait for the write.
+                    await asyncio.wait({self._writing}, timeout=0.5)
+                else:
+                    # While a write is in flight, poll briefly so its end is noticed soon.
+                    writing = self._writing is not None
+                    await self._poll(timeout_s=0.05 if writing else self.influx.flush_interval_s)
+                await self._reap()
+                if self._writing is None and self._due():
+                    self._start_write()
+            await self._drain()
         except SinkError:
             self._failed = True  # nothing more is written; the offsets stay uncommitted
             raise
         finally:
+            if self._writing is not None and not self._writing.done():
+                self._writing.cancel()  # cancelled run: its offsets stay uncommitted
             self._running = False
             self._run_exited.set()
 
     def _room(self) -> int:
         return self.influx.buffer_points - self._buffer.points - self._in_flight_points
 
+    def _full(self) -> bool:
+        """No room for another record of the usual size."""
+        return self._room() < max(1.0, self._points_per_record or 1.0)
+
+    def _poll_overdue(self) -> bool:
+        """A consumer that does not poll for max_poll_interval (5 min) is thrown out of
+        its group; during a long outage poll now and then, putting back what is read."""
+        return time.monotonic() - self._last_poll_s > _POLL_AT_LEAST_EVERY_S
+
     async def _poll(self, timeout_s: float) -> None:
-        # Ask for about as many records as fit; more would only be put back.
-        room = max(1, self._room())
+        self._last_poll_s = time.monotonic()
+        # About a batch, and never more than fits (more would only be put back):
+        # batch-sized polls let the next batch be encoded while one is written.
+        wanted = min(self._room(), self.influx.batch_size_points)
+        per_record = self._points_per_record or 1.0
         records = await self._consumer.getmany(
             timeout_ms=int(timeout_s * 1000),
-            max_records=max(1, min(10_000, int(room / self._points_per_record))),
+            max_records=max(1, min(10_000, round(wanted / per_record))),
         )
         polled = [message for messages in records.values() for message in messages]
         if polled:
@@ -430,7 +466,11 @@ class InfluxSink:
         if cut < len(polled):
             self._put_back(polled[cut:])
         if taken_points:
-            self._points_per_record = 0.8 * self._points_per_record + 0.2 * (taken_points / cut)
+            measured = taken_points / cut
+            previous = self._points_per_record
+            self._points_per_record = (
+                measured if previous is None else 0.8 * previous + 0.2 * measured
+            )
 
         buffer = self._buffer
         if columnar is not None:
@@ -499,59 +539,78 @@ class InfluxSink:
             first.setdefault(tp, message.offset)
         for tp, offset in first.items():
             self._consumer.seek(tp, offset)
+        newly_paused = not self._paused
         self._consumer.pause(*first)
         self._paused.update(first)
         self.stats.overflow_records += len(messages)
-        log.warning(
+        # Once per pause, not per poll: an outage would otherwise log every few seconds.
+        log.log(
+            logging.WARNING if newly_paused else logging.DEBUG,
             "influx sink: buffer full (%d points); %d records left in Kafka, reading paused "
-            "until the next write",
+            "until the next write (overflow so far: %d records)",
             self.influx.buffer_points,
             len(messages),
+            self.stats.overflow_records,
         )
 
     def _due(self) -> bool:
         buffer = self._buffer
         if not buffer.offsets:
             return False
-        if buffer.points >= self.influx.batch_size_points or self._room() <= 0:
+        if buffer.points >= self.influx.batch_size_points or self._full():
             return True
         return (
             buffer.oldest_s is not None
             and time.monotonic() - buffer.oldest_s >= self.influx.flush_interval_s
         )
 
-    async def _flush(self) -> None:
-        """Write the buffer and commit its offsets; new records gather meanwhile."""
-        if self._abandoned:
+    def _start_write(self) -> None:
+        """Hand the buffer to a write task; new records gather in a fresh buffer meanwhile."""
+        if self._abandoned or not self._buffer.offsets:
             return
         buffer, self._buffer = self._buffer, _Buffer()
-        if not buffer.offsets:
+        self._in_flight_points = buffer.points
+        self._writing = asyncio.create_task(self._write_until_done(buffer))
+        self._writing_buffer = buffer
+        self._writing_started_s = time.monotonic()
+        self._retries_before = self.stats.retries
+
+    async def _reap(self, wait: bool = False) -> None:
+        """If the write in flight has ended (or ``wait``), commit its offsets."""
+        task = self._writing
+        if task is None or not (wait or task.done()):
             return
-        if buffer.chunks:
-            self._in_flight_points = buffer.points
-            started = time.monotonic()
-            retries_before = self.stats.retries
-            try:
-                written = await self._write_until_done(buffer)
-            finally:
-                self._in_flight_points = 0
-            if not written:
-                # Stopped during an outage: these offsets stay uncommitted, and so
-                # must every later one (committing those would skip these records).
-                self._abandoned = True
-                return
-            log.info(
-                "influx flush points=%d elapsed_ms=%.1f retries=%d target=%s",
-                buffer.points,
-                (time.monotonic() - started) * 1000,
-                self.stats.retries - retries_before,
-                self.writer.target,
-            )
+        buffer = self._writing_buffer
+        try:
+            written = await task  # SinkError propagates: a setting is wrong
+        finally:
+            self._writing = None
+            self._in_flight_points = 0
+        if not written:
+            # Stopped during an outage: these offsets stay uncommitted, and so
+            # must every later one (committing those would skip these records).
+            self._abandoned = True
+            return
+        log.info(
+            "influx flush points=%d elapsed_ms=%.1f retries=%d target=%s",
+            buffer.points,
+            (time.monotonic() - self._writing_started_s) * 1000,
+            self.stats.retries - self._retries_before,
+            self.writer.target,
+        )
         await self._commit(buffer.offsets)
         self._resume()
 
+    async def _drain(self) -> None:
+        """At stop: finish the write in flight, then write (once) what is buffered."""
+        await self._reap(wait=True)
+        self._start_write()
+        await self._reap(wait=True)
+
     async def _write_until_done(self, buffer: _Buffer) -> bool:
         """Write, retrying until written or refused (True), or until the sink stops (False)."""
+        if not buffer.chunks:
+            return True  # records without points (undecodable, counted): just commit
         backoff = Backoff(self.influx.retry_initial_s, self.influx.retry_max_s)
         while True:
             stats_line = self.stats.line(self.group_id, time.time_ns())
@@ -581,21 +640,12 @@ class InfluxSink:
                     buffer.points,
                     wait_s,
                 )
-                if not await self._wait_reading(wait_s):
+                # Meanwhile run() keeps reading into the buffer until it is full,
+                # which also keeps the consumer in its group.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=wait_s)
+                if self._stopping.is_set():
                     return False
-
-    async def _wait_reading(self, seconds: float) -> bool:
-        """Wait before a retry, reading into the buffer while it has room.
-
-        Polling also keeps the consumer in its group (one that does not poll
-        for max_poll_interval is thrown out). Returns False if the sink stops.
-        """
-        deadline = time.monotonic() + seconds
-        while (remaining := deadline - time.monotonic()) > 0:
-            if self._stopping.is_set():
-                return False
-            await self._poll(timeout_s=min(remaining, 0.5))
-        return not self._stopping.is_set()
 
     def _resume(self) -> None:
         if self._paused:
@@ -625,7 +675,7 @@ class InfluxSink:
             if self._running:
                 await self._run_exited.wait()  # run() does the final flush itself
             elif self._started and not self._failed:
-                await self._flush()
+                await self._drain()
         finally:
             if self._started:
                 await self._consumer.stop()
