@@ -200,6 +200,9 @@ class Settings(BaseSettings):
         env_nested_delimiter="_",
         # WATTSTREAM_INFLUX_RETRY_MAX_S -> influx.retry_max_s: split at the first "_" only.
         env_nested_max_split=1,
+        # An empty variable means unset (compose passes ${VAR:-} for optional secrets
+        # and paths; an empty ssl_cafile would otherwise become the path ".").
+        env_ignore_empty=True,
         frozen=True,
         extra="forbid",
     )
