@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from pipeline import schemas, topics
+from pipeline.cli_dashboards import dashboards_group
 from pipeline.cli_ingest import ingest_group
 from pipeline.settings import Settings, SettingsError, load_settings
 
@@ -727,6 +728,7 @@ def schemas_group() -> None:
 
 main.add_command(schemas_group, name="schemas")
 main.add_command(ingest_group)
+main.add_command(dashboards_group)
 
 
 @schemas_group.command("export")
