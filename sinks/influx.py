@@ -485,7 +485,8 @@ class InfluxSink:
         for message in polled[:cut]:
             buffer.offsets[TopicPartition(message.topic, message.partition)] = message.offset + 1
         buffer.points += taken_points
-        buffer.oldest_s = buffer.oldest_s or time.monotonic()
+        if cut:
+            buffer.oldest_s = buffer.oldest_s or time.monotonic()
         self.stats.records_consumed += cut
 
     def _encode(
