@@ -172,10 +172,11 @@ def parse_prices(
     rows = table_rows(raw, fmt, "prices")
     if not rows:
         raise DocumentError(f"{fmt.upper()} document has no price rows")
-    first = rows[0] if isinstance(rows[0], dict) else {}
-    if "time" not in first or not any(c in first for c in PRICE_COLUMNS):
+    # Across all rows: a blank cell is an absent key, and a history may start with holes.
+    columns: set[str] = set().union(*(row for row in rows if isinstance(row, dict)))
+    if "time" not in columns or not any(c in columns for c in PRICE_COLUMNS):
         raise DocumentError(
-            f"first row has keys {sorted(first)}; prices need 'time' and one of "
+            f"rows have keys {sorted(columns)}; prices need 'time' and one of "
             f"{sorted(PRICE_COLUMNS)}"
         )
 

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from pipeline import schemas, topics
+from pipeline.cli_backtest import backtest
 from pipeline.cli_dashboards import dashboards_group
 from pipeline.cli_ingest import ingest_group
 from pipeline.settings import Settings, SettingsError, load_settings
@@ -729,6 +730,7 @@ def schemas_group() -> None:
 main.add_command(schemas_group, name="schemas")
 main.add_command(ingest_group)
 main.add_command(dashboards_group)
+main.add_command(backtest)
 
 
 @schemas_group.command("export")

@@ -1,0 +1,81 @@
+"""A self-contained HTML report of a backtest: prices, state of charge, actions, revenue.
+
+matplotlib SVG inlined in the page, as the demo report does, so it opens
+anywhere with nothing to load.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from processors.backtest import BacktestResult
+
+_COLOURS = {"threshold": "#e9c46a", "optimal": "#2a9d8f", "perfect foresight": "#264653"}
+
+
+def _chart(result: BacktestResult) -> str:
+    times = result.starts
+    runs = {**result.strategies, "perfect foresight": result.bound}
+    capacity = result.battery.capacity_kwh
+    figure = Figure(figsize=(11, 10), layout="constrained")
+    price_axes, soc_axes, power_axes, revenue_axes = figure.subplots(4, 1, sharex=True)
+    price_axes.step(times, result.prices_per_kwh, where="post", color="#264653", linewidth=0.8)
+    price_axes.set_ylabel("price [/kWh]")
+    price_axes.axhline(0, color="#999", linewidth=0.5)
+    for name, run in runs.items():
+        colour = _COLOURS.get(name, "#6c757d")
+        soc_axes.plot(
+            times, [100 * s / capacity for s in run.stored_kwh], color=colour, linewidth=0.8
+        )
+        power_axes.step(times, run.power_kw, where="post", color=colour, linewidth=0.6)
+        revenue_axes.plot(times, run.cumulative_revenue, color=colour, label=name)
+    soc_axes.set_ylabel("state of charge [%]")
+    soc_axes.set_ylim(0, 100)
+    power_axes.set_ylabel("grid power [kW]\n+ sold, - bought")
+    revenue_axes.set_ylabel("cumulative revenue")
+    revenue_axes.legend(loc="upper left")
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg")
+    svg = buffer.getvalue()
+    return svg[svg.index("<svg") :]
+
+
+def write_backtest_report(result: BacktestResult, path: Path) -> Path:
+    summary = result.to_json()
+    bound = result.bound.revenue
+    rows = []
+    for name, run in [*result.strategies.items(), ("perfect foresight", result.bound)]:
+        share = f"{run.revenue / bound:.1%}" if bound > 1e-9 else "-"
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td><td>{run.revenue:,.2f}</td><td>{share}</td>"
+            f"<td>{run.energy_bought_kwh:,.0f}</td><td>{run.energy_sold_kwh:,.0f}</td>"
+            f"<td>{run.equivalent_cycles:,.1f}</td></tr>"
+        )
+    battery = result.battery
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>wattstream backtest</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }}
+table {{ border-collapse: collapse; }} td, th {{ padding: 4px 10px; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }} th {{ border-bottom: 1px solid #999; }}
+svg {{ max-width: 100%; height: auto; }}
+</style></head><body>
+<h1>Backtest</h1>
+<p>{summary["intervals"]} prices over {result.hours:,.0f} h ({html.escape(str(summary["first"]))}
+to {html.escape(str(summary["last"]))}); battery {battery.capacity_kwh:g} kWh,
+{battery.max_charge_kw:g}/{battery.max_discharge_kw:g} kW, round trip
+{battery.round_trip_efficiency:.0%}. Each strategy decides with the prices published by
+then; the perfect-foresight optimum knows them all and is the bound none can beat.
+Revenue is grid cash flow: energy sold minus energy bought, at each interval's price.</p>
+<table><tr><th>strategy</th><th>revenue</th><th>of bound</th><th>bought kWh</th>
+<th>sold kWh</th><th>cycles</th></tr>{"".join(rows)}</table>
+{_chart(result)}
+</body></html>
+"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page)
+    return path

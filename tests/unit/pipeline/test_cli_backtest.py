@@ -1,0 +1,108 @@
+"""``wattstream backtest`` as a user runs it: JSON, table and report, blanks, bad arguments."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from tests.conftest import SAMPLE_CONFIG
+
+SAMPLE_PRICES = SAMPLE_CONFIG.parent / "prices.csv"
+BATTERY = ["--capacity-kwh", "10", "--power-kw", "5", "--round-trip-efficiency", "0.9"]
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, ["backtest", *args], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_json_has_every_strategy_and_the_bound() -> None:
+    code, out, _ = run("--prices", str(SAMPLE_PRICES), *BATTERY, "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["hours"] == 168 and result["skipped_rows"] == 0
+    bound = result["bound"]["revenue"]
+    threshold = result["strategies"]["threshold"]["revenue"]
+    optimal = result["strategies"]["optimal"]["revenue"]
+    assert 0 < threshold < optimal <= bound + 1e-9
+    assert optimal >= 0.9 * bound
+
+
+@pytest.mark.parametrize(("capacity", "power"), [("13.5", "5"), ("100", "100"), ("20", "2.5")])
+def test_optimal_reaches_nine_tenths_of_the_bound_on_the_sample(capacity: str, power: str) -> None:
+    args = ["--capacity-kwh", capacity, "--power-kw", power, "--round-trip-efficiency", "0.88"]
+    code, out, _ = run("--prices", str(SAMPLE_PRICES), *args, "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["strategies"]["optimal"]["share_of_bound"] >= 0.9
+
+
+def test_blank_prices_are_skipped_and_counted(tmp_path: Path) -> None:
+    lines = SAMPLE_PRICES.read_text().splitlines()
+    header = lines[0].split(",")
+    price_column = header.index("price_per_kwh")
+    rows = [line.split(",") for line in lines[1:]]
+    for row in rows[30:40]:
+        row[price_column] = ""
+    path = tmp_path / "holes.csv"
+    path.write_text("\n".join([lines[0], *(",".join(r) for r in rows)]) + "\n")
+    code, out, err = run("--prices", str(path), *BATTERY, "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["skipped_rows"] == 10 and result["intervals"] == 158
+    assert "no price" in err
+
+
+def test_table_and_html_report(tmp_path: Path) -> None:
+    report = tmp_path / "bt.html"
+    code, out, _ = run("--prices", str(SAMPLE_PRICES), *BATTERY, "--report", str(report))
+    assert code == 0
+    assert "perfect foresight" in out and "optimal" in out and "threshold" in out
+    page = report.read_text()
+    assert page.count("<svg") == 1 and "of bound" in page and "<script" not in page
+
+
+def test_fixed_thresholds_are_used_when_given() -> None:
+    code, out, _ = run(
+        "--prices", str(SAMPLE_PRICES), *BATTERY, "--json", "--strategy", "threshold",
+        "--charge-below", "-5", "--discharge-above", "5",
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(out)
+    assert list(result["strategies"]) == ["threshold"]
+    assert result["strategies"]["threshold"]["revenue"] == 0  # thresholds never reached
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--soc-min-pct", "60", "--soc-max-pct", "40"], "--soc-min-pct"),
+        (["--charge-below", "0.1"], "both --charge-below and --discharge-above"),
+        (["--timezone", "Mars/Olympus"], "unknown time zone"),
+        (["--publication-time", "noon"], "clock time"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_them(args: list[str], message: str) -> None:
+    code, _, err = run("--prices", str(SAMPLE_PRICES), *BATTERY, *args, "--json")
+    assert code == 2 and message in err
+
+
+def test_a_file_with_no_prices_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "empty.csv"
+    path.write_text("time,price_per_kwh\n2025-01-01T00:00:00Z,\n2025-01-01T01:00:00Z,\n")
+    code, _, err = run("--prices", str(path), *BATTERY, "--json")
+    assert code == 2 and "prices need 'time' and one of ['price_per_kwh'" in err
+
+
+def test_a_history_may_start_with_blank_prices(tmp_path: Path) -> None:
+    path = tmp_path / "late.csv"
+    path.write_text(
+        "time,price_per_kwh\n2025-01-01T00:00:00Z,\n2025-01-01T01:00:00Z,0.1\n"
+        "2025-01-01T02:00:00Z,0.3\n"
+    )
+    code, out, _ = run("--prices", str(path), *BATTERY, "--json")
+    assert code == 0 and json.loads(out)["skipped_rows"] == 1
