@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -27,7 +29,8 @@ from pipeline import codec, kafka, topics
 from pipeline.local import EmbeddedBroker, with_embedded_broker
 from pipeline.schemas import BatteryReading, PriceTick
 from pipeline.settings import BatteryConfig, ReplaySettings, SiteConfig, load_settings
-from processors.arbitrage import SiteArbitrage, SiteState, decide_threshold
+from processors.arbitrage import SiteArbitrage, SiteState, battery_model, decide_threshold
+from processors.optimal import RollingOptimizer
 from sinks.columnar import encode_telemetry
 from sinks.influx import InfluxSink
 from sinks.lineprotocol import telemetry_lines
@@ -193,6 +196,57 @@ def bench_modbus() -> dict[str, float]:
         return asyncio.run(_modbus_poll_rate(broker, devices=3, window_s=3.0))
 
 
+def bench_optimal() -> dict[str, float]:
+    """One LP re-plan over 48 h at 15-minute steps, and the optimal strategy per batch."""
+    battery = BatteryConfig(
+        device="b", capacity_kwh=10, max_charge_kw=5, max_discharge_kw=5, strategy="optimal"
+    )
+    steps = 48 * 4
+    rng = random.Random(1)  # noqa: S311 - reproducible test prices, not security
+    prices = [0.12 + 0.08 * math.sin(i * math.pi / 48) + rng.gauss(0, 0.02) for i in range(steps)]
+    optimizer = RollingOptimizer(battery_model(battery))
+    replan_s = median_seconds(lambda: optimizer.plan(5.0, prices, [0.25] * steps), repeats=21)
+
+    # The agent's path: 15-minute prices published a day ahead, one batch of readings a
+    # quarter hour, a decision (an LP over the known prices) per batch.
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    site = SiteConfig(id="s", market="M", batteries=[battery])
+    engine, state = SiteArbitrage(site), SiteState()
+    for i in range(steps * 2):
+        begins = start + timedelta(minutes=15 * i)
+        engine.on_price(
+            state,
+            PriceTick(
+                market="M",
+                start=begins,
+                end=begins + timedelta(minutes=15),
+                price_per_kwh=prices[i % steps],
+                published_at=start - timedelta(hours=12),
+            ),
+        )
+    per_batch = []
+    soc_pct = 50.0  # the battery follows the decisions, as a real one would
+    for i in range(96):
+        batch = [
+            BatteryReading(
+                device="b",
+                ts=start + timedelta(minutes=15 * i, seconds=10 * r),
+                power_kw=0.0,
+                soc_pct=soc_pct,
+            )
+            for r in range(60)
+        ]
+        began = time.perf_counter()
+        (decision,) = engine.on_readings(state, batch)
+        state = SiteState.from_json(state.to_json())
+        per_batch.append(time.perf_counter() - began)
+        soc_pct = decision.expected_soc_pct
+    return {
+        "optimal_replan_48h_15min_median_ms": replan_s * 1000,
+        "optimal_decision_time_per_batch_median_ms": statistics.median(per_batch) * 1000,
+    }
+
+
 def _sample_records(rounds: int) -> list[tuple[str, bytes]]:
     """The sample's telemetry records, ``rounds`` times, each round a week later."""
     frame, _ = read_telemetry(SAMPLE / "telemetry.parquet")
@@ -284,6 +338,7 @@ def bench_sink_victoria_metrics() -> dict[str, float]:
 
 BENCHES: dict[str, Callable[[], dict[str, float]]] = {
     "rule": bench_rule,
+    "optimal": bench_optimal,
     "replay-encode": bench_replay_encode,
     "replay-broker": bench_replay_broker,
     "modbus": bench_modbus,

@@ -140,9 +140,15 @@ class BatteryConfig(_Area):
     soc_max_pct: Pct = 95.0
     reserve_pct: Pct = 20.0
     """Kept for backup power: arbitrage never discharges below it."""
-    strategy: Literal["threshold"] = "threshold"
-    charge_below_price_per_kwh: float
-    discharge_above_price_per_kwh: float
+    strategy: Literal["threshold", "optimal"] = "threshold"
+    """``threshold``: the price rule below; ``optimal``: a rolling-horizon linear
+    program over the prices published so far (see processors/optimal.py)."""
+    charge_below_price_per_kwh: float | None = None
+    """Threshold strategy: charge below this price (required for it)."""
+    discharge_above_price_per_kwh: float | None = None
+    """Threshold strategy: discharge above this price (required for it)."""
+    degradation_cost_per_kwh: Annotated[float, Field(ge=0.0)] = 0.0
+    """Optimal strategy: wear cost per kWh discharged, in the price's currency."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -156,7 +162,13 @@ class BatteryConfig(_Area):
                 f"battery {self.device}: reserve_pct ({self.reserve_pct}) must not exceed "
                 f"soc_max_pct ({self.soc_max_pct})"
             )
-        if not self.charge_below_price_per_kwh < self.discharge_above_price_per_kwh:
+        low, high = self.charge_below_price_per_kwh, self.discharge_above_price_per_kwh
+        if self.strategy == "threshold" and (low is None or high is None):
+            raise ValueError(
+                f"battery {self.device}: strategy threshold needs charge_below_price_per_kwh "
+                "and discharge_above_price_per_kwh"
+            )
+        if low is not None and high is not None and not low < high:
             raise ValueError(
                 f"battery {self.device}: charge_below_price_per_kwh "
                 f"({self.charge_below_price_per_kwh}) must be below "

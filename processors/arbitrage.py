@@ -29,8 +29,10 @@ the thin wiring to Kafka.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -45,13 +47,13 @@ from pipeline.schemas import (
     stable_id,
 )
 from pipeline.settings import BatteryConfig, Settings, SiteConfig
+from processors.optimal import BatteryModel, RollingOptimizer
 
 if TYPE_CHECKING:
     import faust
 
 log = logging.getLogger(__name__)
 
-STRATEGY = "threshold"
 # Below this a setpoint is noise (and would flip an action on rounding): HOLD instead.
 MIN_POWER_KW = 1e-6
 # Readings whose price has not arrived yet wait in state, compacted to the first
@@ -86,13 +88,15 @@ def decide_threshold(
     """Apply the threshold rule to one battery for ``duration_h`` hours at one price."""
     if not duration_h > 0:
         raise ValueError(f"duration_h must be positive, got {duration_h}")
+    charge_below = battery.charge_below_price_per_kwh
+    discharge_above = battery.discharge_above_price_per_kwh
+    if charge_below is None or discharge_above is None:
+        raise ValueError(f"battery {battery.device}: the threshold rule needs both thresholds")
     one_way_efficiency = math.sqrt(battery.round_trip_efficiency)
     capacity_kwh = battery.capacity_kwh
 
-    if price_per_kwh < battery.charge_below_price_per_kwh:
-        why = (
-            f"price {price_per_kwh:.4f} < charge threshold {battery.charge_below_price_per_kwh:.4f}"
-        )
+    if price_per_kwh < charge_below:
+        why = f"price {price_per_kwh:.4f} < charge threshold {charge_below:.4f}"
         headroom_kwh = (battery.soc_max_pct - soc_pct) / 100.0 * capacity_kwh
         soc_limited_kw = headroom_kwh / (one_way_efficiency * duration_h)
         if soc_limited_kw <= MIN_POWER_KW:
@@ -116,11 +120,8 @@ def decide_threshold(
             binding,
         )
 
-    if price_per_kwh > battery.discharge_above_price_per_kwh:
-        why = (
-            f"price {price_per_kwh:.4f} > discharge threshold "
-            f"{battery.discharge_above_price_per_kwh:.4f}"
-        )
+    if price_per_kwh > discharge_above:
+        why = f"price {price_per_kwh:.4f} > discharge threshold {discharge_above:.4f}"
         floor_pct = max(battery.soc_min_pct, battery.reserve_pct)
         floor_name = "reserve_pct" if battery.reserve_pct >= battery.soc_min_pct else "soc_min_pct"
         available_kwh = (soc_pct - floor_pct) / 100.0 * capacity_kwh
@@ -153,8 +154,138 @@ def decide_threshold(
         0.0,
         soc_pct,
         f"price {price_per_kwh:.4f} between thresholds "
-        f"{battery.charge_below_price_per_kwh:.4f} and {battery.discharge_above_price_per_kwh:.4f}",
+        f"{charge_below:.4f} and {discharge_above:.4f}",
     )
+
+
+def battery_model(battery: BatteryConfig) -> BatteryModel:
+    """The LP's view of a configured battery: arbitrage keeps above the reserve."""
+    return BatteryModel(
+        capacity_kwh=battery.capacity_kwh,
+        max_charge_kw=battery.max_charge_kw,
+        max_discharge_kw=battery.max_discharge_kw,
+        round_trip_efficiency=battery.round_trip_efficiency,
+        floor_kwh=max(battery.soc_min_pct, battery.reserve_pct) / 100 * battery.capacity_kwh,
+        ceiling_kwh=battery.soc_max_pct / 100 * battery.capacity_kwh,
+        degradation_cost_per_kwh=battery.degradation_cost_per_kwh,
+    )
+
+
+@dataclass
+class CachedPlan:
+    """The last LP plan of a battery, followed until new prices or a drift call for another."""
+
+    horizon_end_ms: int
+    """End of the known prices it was made with: a later end means new prices."""
+    starts_ms: list[int]
+    power_kw: list[float]
+    stored_kwh: list[float]
+    """Energy stored at the end of each planned interval."""
+    stored_at_start_kwh: float
+    planned_revenue: float
+
+    def to_json(self) -> list[Any]:
+        return [
+            self.horizon_end_ms,
+            self.starts_ms,
+            self.power_kw,
+            self.stored_kwh,
+            self.stored_at_start_kwh,
+            self.planned_revenue,
+        ]
+
+    @classmethod
+    def from_json(cls, data: list[Any] | None) -> CachedPlan | None:
+        return None if not data else cls(*data)
+
+
+# A measured state of charge further than this from the plan's calls for a new plan.
+DRIFT_PCT = 1.0
+
+
+def decide_optimal(
+    battery: BatteryConfig,
+    soc_pct: float,
+    prices_per_kwh: Sequence[float],
+    durations_h: Sequence[float],
+    starts_ms: Sequence[int],
+    cached: CachedPlan | None = None,
+) -> tuple[Setpoint, CachedPlan]:
+    """The setpoint of the first interval (``starts_ms[0]``), following or remaking the plan.
+
+    The plan over the known prices is kept and followed while nothing changed:
+    it is remade when prices published since extend the horizon, or when the
+    measured state of charge drifts more than ``DRIFT_PCT`` from the plan's.
+    """
+    stored_kwh = soc_pct / 100 * battery.capacity_kwh
+    horizon_end_ms = starts_ms[-1] + round(durations_h[-1] * 3_600_000)
+    step = -1
+    if cached is not None and cached.horizon_end_ms == horizon_end_ms:
+        with contextlib.suppress(ValueError):
+            step = cached.starts_ms.index(starts_ms[0])
+    if step >= 0 and cached is not None:
+        expected_kwh = cached.stored_kwh[step - 1] if step > 0 else cached.stored_at_start_kwh
+        if abs(expected_kwh - stored_kwh) > DRIFT_PCT / 100 * battery.capacity_kwh:
+            step = -1
+    replanned = step < 0 or cached is None
+    if replanned or cached is None:
+        plan = RollingOptimizer(battery_model(battery)).plan(
+            stored_kwh, prices_per_kwh, durations_h
+        )
+        revenue = float(
+            sum(
+                p * d * q
+                for p, d, q in zip(prices_per_kwh, durations_h, plan.net_power_kw, strict=True)
+            )
+        )
+        cached = CachedPlan(
+            horizon_end_ms,
+            list(starts_ms),
+            [float(q) for q in plan.net_power_kw],
+            [float(v) for v in plan.stored_kwh],
+            stored_kwh,
+            revenue,
+        )
+        step = 0
+    power_kw = cached.power_kw[step]
+    power_kw = power_kw if abs(power_kw) > MIN_POWER_KW else 0.0
+    expected_soc_pct = cached.stored_kwh[step] / battery.capacity_kwh * 100
+    price = prices_per_kwh[0]
+    horizon = (
+        f"LP over {len(cached.starts_ms)} known price intervals "
+        f"({'new plan' if replanned else f'step {step + 1} of the plan'}, "
+        f"plan revenue {cached.planned_revenue:.4f})"
+    )
+    binding: tuple[str, ...] = ()
+    if power_kw < 0:
+        action = Action.CHARGE
+        if -power_kw >= battery.max_charge_kw - 1e-6:
+            binding = ("max_charge_kw",)
+        elif expected_soc_pct >= battery.soc_max_pct - 1e-6:
+            binding = ("soc_max_pct",)
+        what = f"charge {-power_kw:.2f} kW now at {price:.4f}"
+    elif power_kw > 0:
+        action = Action.DISCHARGE
+        floor_pct = max(battery.soc_min_pct, battery.reserve_pct)
+        if power_kw >= battery.max_discharge_kw - 1e-6:
+            binding = ("max_discharge_kw",)
+        elif expected_soc_pct <= floor_pct + 1e-6:
+            binding = (
+                "reserve_pct" if battery.reserve_pct >= battery.soc_min_pct else "soc_min_pct",
+            )
+        what = f"discharge {power_kw:.2f} kW now at {price:.4f}"
+    else:
+        action = Action.HOLD
+        what = f"hold at {price:.4f}: later intervals pay more"
+    setpoint = Setpoint(
+        action,
+        power_kw,
+        power_kw * durations_h[0],
+        min(100.0, max(0.0, expected_soc_pct)),
+        f"{horizon}: {what}",
+        binding,
+    )
+    return setpoint, cached
 
 
 # --- joining readings with prices, per site ---------------------------------------------
@@ -174,6 +305,10 @@ class PricedInterval:
     end_ms: int
     price_per_kwh: float
     currency: str
+    published_ms: int | None = None
+    """When the price became known (None: at its start). The optimal strategy plans
+    only over prices published by its decision time, also when a replay delivers
+    prices far ahead of the readings."""
 
 
 @dataclass
@@ -181,6 +316,8 @@ class BatteryState:
     last_decided_start_ms: int | None = None
     unpriced: list[tuple[int, float]] = field(default_factory=list)
     """(ts_ms, soc_pct) of readings whose price interval is not known yet."""
+    plan: CachedPlan | None = None
+    """The optimal strategy's current plan."""
 
 
 @dataclass
@@ -196,10 +333,15 @@ class SiteState:
     def to_json(self) -> dict[str, Any]:
         return {
             "intervals": [
-                [i.start_ms, i.end_ms, i.price_per_kwh, i.currency] for i in self.intervals
+                [i.start_ms, i.end_ms, i.price_per_kwh, i.currency, i.published_ms]
+                for i in self.intervals
             ],
             "batteries": {
-                device: {"last": b.last_decided_start_ms, "unpriced": b.unpriced}
+                device: {
+                    "last": b.last_decided_start_ms,
+                    "unpriced": b.unpriced,
+                    **({"plan": b.plan.to_json()} if b.plan else {}),
+                }
                 for device, b in self.batteries.items()
             },
             "newest": self.newest_reading_ms,
@@ -212,10 +354,15 @@ class SiteState:
             return cls()
         return cls(
             intervals=[
-                PricedInterval(int(s), int(e), float(p), str(c)) for s, e, p, c in data["intervals"]
+                PricedInterval(int(s), int(e), float(p), str(c), *published)
+                for s, e, p, c, *published in data["intervals"]
             ],
             batteries={
-                device: BatteryState(b["last"], [(int(t), float(soc)) for t, soc in b["unpriced"]])
+                device: BatteryState(
+                    b["last"],
+                    [(int(t), float(soc)) for t, soc in b["unpriced"]],
+                    CachedPlan.from_json(b.get("plan")),
+                )
                 for device, b in data["batteries"].items()
             },
             newest_reading_ms=data["newest"],
@@ -257,7 +404,7 @@ class SiteArbitrage:
             if interval is None:
                 self._wait_for_price(state, battery_state, ts_ms, reading.soc_pct)
                 continue
-            decision = self._decide(battery, battery_state, interval, ts_ms, reading.soc_pct)
+            decision = self._decide(state, battery, battery_state, interval, ts_ms, reading.soc_pct)
             if decision is not None:
                 decisions.append(decision)
         self._prune(state)
@@ -265,8 +412,11 @@ class SiteArbitrage:
 
     def on_price(self, state: SiteState, tick: PriceTick) -> list[Decision]:
         """Take a price of the site's market; decide for readings that were waiting for it."""
+        published_ms = _ms(tick.published_at) if tick.published_at else None
         state.add_interval(
-            PricedInterval(_ms(tick.start), _ms(tick.end), tick.price_per_kwh, tick.currency)
+            PricedInterval(
+                _ms(tick.start), _ms(tick.end), tick.price_per_kwh, tick.currency, published_ms
+            )
         )
         decisions: list[Decision] = []
         for device, battery_state in sorted(state.batteries.items()):
@@ -279,15 +429,36 @@ class SiteArbitrage:
                 if interval is None:
                     still_unpriced.append((ts_ms, soc_pct))
                     continue
-                decision = self._decide(battery, battery_state, interval, ts_ms, soc_pct)
+                decision = self._decide(state, battery, battery_state, interval, ts_ms, soc_pct)
                 if decision is not None:
                     decisions.append(decision)
             battery_state.unpriced = still_unpriced
         self._prune(state)
         return decisions
 
+    @staticmethod
+    def _known_from(
+        state: SiteState, interval: PricedInterval, ts_ms: int
+    ) -> tuple[list[float], list[float], list[int]]:
+        """Prices, durations and starts from now to the last contiguous known interval."""
+        index = state.intervals.index(interval)
+        prices = [interval.price_per_kwh]
+        durations = [(interval.end_ms - ts_ms) / 3_600_000]
+        starts = [interval.start_ms]
+        end_ms = interval.end_ms
+        for later in state.intervals[index + 1 :]:
+            published_ms = later.start_ms if later.published_ms is None else later.published_ms
+            if later.start_ms != end_ms or published_ms > ts_ms:
+                break  # a hole, or not published yet at decision time: the horizon ends
+            prices.append(later.price_per_kwh)
+            durations.append((later.end_ms - later.start_ms) / 3_600_000)
+            starts.append(later.start_ms)
+            end_ms = later.end_ms
+        return prices, durations, starts
+
     def _decide(
         self,
+        state: SiteState,
         battery: BatteryConfig,
         battery_state: BatteryState,
         interval: PricedInterval,
@@ -299,15 +470,21 @@ class SiteArbitrage:
             return None  # this interval (or a later one) was already decided
         battery_state.last_decided_start_ms = interval.start_ms
         duration_h = (interval.end_ms - ts_ms) / 3_600_000
-        setpoint = decide_threshold(battery, soc_pct, interval.price_per_kwh, duration_h)
+        if battery.strategy == "optimal":
+            prices, durations, starts = self._known_from(state, interval, ts_ms)
+            setpoint, battery_state.plan = decide_optimal(
+                battery, soc_pct, prices, durations, starts, battery_state.plan
+            )
+        else:
+            setpoint = decide_threshold(battery, soc_pct, interval.price_per_kwh, duration_h)
         valid_from = _dt(interval.start_ms)
         return Decision(
             decision_id=stable_id(
-                "dec", self.site.id, battery.device, STRATEGY, valid_from.isoformat()
+                "dec", self.site.id, battery.device, battery.strategy, valid_from.isoformat()
             ),
             site=self.site.id,
             device=battery.device,
-            strategy=STRATEGY,
+            strategy=battery.strategy,
             action=setpoint.action,
             power_kw=setpoint.power_kw,
             grid_energy_kwh=setpoint.grid_energy_kwh,

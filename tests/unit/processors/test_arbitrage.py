@@ -243,3 +243,110 @@ class TestSiteJoin:
             else:
                 got.extend(engine.on_readings(state, r_queue.pop(0)))
         assert sorted(got, key=lambda d: d.valid_from) == expected
+
+
+class TestOptimalStrategy:
+    """The ``optimal`` strategy inside the site engine: same join, an LP per decision."""
+
+    @staticmethod
+    def engine(**overrides: object) -> SiteArbitrage:
+        optimal = battery(
+            strategy="optimal",
+            charge_below_price_per_kwh=None,
+            discharge_above_price_per_kwh=None,
+            **overrides,
+        )
+        return SiteArbitrage(SiteConfig(id="s", market="M", batteries=[optimal]))
+
+    @staticmethod
+    def day_ahead(hour: int, price: float, published_hour: int) -> PriceTick:
+        start = T0 + timedelta(hours=hour)
+        return PriceTick(
+            market="M",
+            start=start,
+            end=start + timedelta(hours=1),
+            price_per_kwh=price,
+            published_at=T0 + timedelta(hours=published_hour),
+        )
+
+    def test_charges_before_a_known_peak_and_discharges_into_it(self) -> None:
+        engine, state = self.engine(), SiteState()
+        prices = [0.10, 0.02, 0.02, 0.10, 0.40, 0.40, 0.10, 0.10]
+        for hour, price in enumerate(prices):
+            engine.on_price(state, self.day_ahead(hour, price, published_hour=-12))
+        decisions = []
+        soc = 30.0
+        for hour in range(len(prices)):
+            (decision,) = engine.on_readings(state, [reading(hour * 60, soc)])
+            decisions.append(decision)
+            soc = decision.expected_soc_pct
+        actions = [d.action for d in decisions]
+        assert actions[1] is Action.CHARGE and actions[2] is Action.CHARGE
+        assert actions[4] is Action.DISCHARGE and actions[5] is Action.DISCHARGE
+        assert all(d.strategy == "optimal" for d in decisions)
+        assert "LP over" in decisions[0].reason
+        # Limits hold: rates, and never below the reserve (20 %) nor above soc_max (90 %).
+        assert all(-5.0 - 1e-6 <= d.power_kw <= 4.0 + 1e-6 for d in decisions)
+        assert all(20.0 - 1e-6 <= d.expected_soc_pct <= 90.0 + 1e-6 for d in decisions)
+
+    def test_plans_only_over_prices_published_by_the_decision(self) -> None:
+        # Without the spike no spread pays for the losses (0.05 / 0.81 > 0.055), and a kWh
+        # kept is valued at 0.9 x median 0.055 < 0.05 / 0.9: nothing to buy for.
+        prices = [0.05, 0.055, 0.055, 0.60]
+        soc = 20.0
+
+        def first_decision(published_hour: int) -> Action:
+            engine, state = self.engine(), SiteState()
+            for hour, price in enumerate(prices[:3]):
+                engine.on_price(state, self.day_ahead(hour, price, published_hour=-1))
+            # The spike at hour 3 is delivered at once but published at published_hour.
+            engine.on_price(state, self.day_ahead(3, prices[3], published_hour=published_hour))
+            (decision,) = engine.on_readings(state, [reading(0, soc)])
+            return decision.action
+
+        assert first_decision(published_hour=-1) is Action.CHARGE  # the spike is known
+        assert first_decision(published_hour=2) is not Action.CHARGE  # not yet: no peeking
+
+    def test_the_plan_is_followed_until_prices_arrive_or_the_battery_drifts(self) -> None:
+        engine, state = self.engine(), SiteState()
+        prices = [0.02, 0.02, 0.30, 0.30, 0.10, 0.10]
+        for hour, price in enumerate(prices):
+            engine.on_price(state, self.day_ahead(hour, price, published_hour=-12))
+        (first,) = engine.on_readings(state, [reading(0, 30.0)])
+        assert "new plan" in first.reason
+        # The battery did what was planned: the plan goes on.
+        (second,) = engine.on_readings(state, [reading(60, first.expected_soc_pct)])
+        assert "step 2 of the plan" in second.reason
+        # It did not (a 10-point drift): plan again from what was measured.
+        (third,) = engine.on_readings(state, [reading(120, second.expected_soc_pct - 10)])
+        assert "new plan" in third.reason
+        # New prices published: plan again over the longer horizon.
+        engine.on_price(state, self.day_ahead(6, 0.5, published_hour=2))
+        (fourth,) = engine.on_readings(state, [reading(180, third.expected_soc_pct)])
+        assert "new plan" in fourth.reason and "over 4 known" in fourth.reason
+
+    def test_a_battery_below_its_reserve_is_not_discharged(self) -> None:
+        engine, state = self.engine(), SiteState()
+        engine.on_price(state, self.day_ahead(0, 0.90, published_hour=-1))
+        (decision,) = engine.on_readings(state, [reading(0, 15.0)])
+        assert decision.action is not Action.DISCHARGE
+
+    def test_state_with_publication_times_round_trips(self) -> None:
+        engine, state = self.engine(), SiteState()
+        engine.on_price(state, self.day_ahead(0, 0.1, published_hour=-5))
+        again = SiteState.from_json(state.to_json())
+        assert again.intervals == state.intervals
+        assert again.intervals[0].published_ms == int((T0 - timedelta(hours=5)).timestamp() * 1000)
+        # State written before publication times were kept still loads.
+        old = state.to_json()
+        old["intervals"] = [row[:4] for row in old["intervals"]]
+        assert SiteState.from_json(old).intervals[0].published_ms is None
+
+
+def test_threshold_needs_its_thresholds_optimal_does_not() -> None:
+    with pytest.raises(ValueError, match="needs charge_below_price_per_kwh"):
+        battery(charge_below_price_per_kwh=None)
+    optimal = battery(
+        strategy="optimal", charge_below_price_per_kwh=None, discharge_above_price_per_kwh=None
+    )
+    assert optimal.strategy == "optimal"
