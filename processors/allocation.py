@@ -1,0 +1,697 @@
+"""Energy allocation: who gets solar, battery and grid energy in one interval, and at what cost.
+
+Every interval (typically the price interval, 15 or 60 minutes) the site's
+consumers are served in priority order. The default order, from the issue, is
+
+    fleet charging > facility operations > battery charging > opportunistic loads > grid export
+
+Each consumer is served from the cheapest source it may use, in **merit order**:
+
+1. **solar** - already produced, costs nothing, and every kWh not used on site is
+   sold at the export price at best (usually well below the import price), so
+   using it on site first is always at least as good as buying from the grid;
+2. **battery** - only in a discharge period of the time-of-use tariff (``peak``)
+   and only above the reserve: stored energy was paid for (grid charge or
+   forgone export) and the reserve is kept for backup power, so it is spent
+   where it displaces the dearest grid energy;
+3. **grid** - within ``max_grid_import_kw`` (the connection's contracted or
+   breaker limit), and for a consumer with a price limit only while the import
+   price is at or below it.
+
+What each kind of consumer may draw from:
+
+=================  =====  =======================  ===========================================
+kind               solar  battery                  grid
+=================  =====  =======================  ===========================================
+fleet, facility    yes    in discharge periods     yes (a price limit, if set, is lifted for
+                                                   the fleet below its minimum state of charge)
+battery_charging   yes    never (no self-charge)   in grid-charge periods, up to the target
+opportunistic      yes    never                    only at or below ``max_grid_price_per_kwh``
+export             yes    at peak, if profitable   never
+=================  =====  =======================  ===========================================
+
+Opportunistic loads (crypto mining, batch inference) are flexible by nature: they
+run on surplus solar, or on grid energy when it is cheap enough, never on stored
+energy that is worth more serving the site at peak.
+
+Time-of-use dispatch of the battery (one :class:`DispatchPeriod` per interval):
+
+* ``super_off_peak`` / ``off_peak`` - charge from the grid up to a per-period target
+  (cheap energy for the evening peak), and from solar up to ``soc_max_pct``;
+* ``shoulder`` - hold: no discharge, top up from surplus solar only;
+* ``peak`` - discharge to serve loads (and export when the export price is high
+  enough to be profitable) down to the reserve.
+
+The battery never charges and discharges in the same interval. Solar that no one
+can take (battery full, export limit reached, negative export price) is
+curtailed and reported as such, never silently lost from the balance.
+
+Hard limits (``max_grid_import_kw``, ``max_export_kw``, battery power, state of
+charge window and reserve) are never exceeded. Demand that cannot be served
+within them is explicit: the consumer's ``allocated_kw`` is below its
+``requested_kw`` and :attr:`Dispatch.unserved_kw` says how much. The fleet's
+minimum state of charge is met by priority, not by breaking a hard limit: a fleet
+below it jumps the queue (served at priority -1) and ignores its price limit.
+
+Energy balance of every plan, in kW over the interval::
+
+    solar_used + battery_discharge + grid_import == sum(allocated_kw)
+
+where the allocations include battery charging and export, and
+``solar_used = solar_kw - curtailed_kw``.
+
+Everything here is plain Python (no Faust import), so the same code serves the
+stream, a backtest and the unit tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Annotated, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.schemas import Allocation, AllocationPlan, Identifier, SourceFlow, stable_id
+from pipeline.settings import BatteryConfig
+
+Pct = Annotated[float, Field(ge=0.0, le=100.0)]
+NonNegativeKw = Annotated[float, Field(ge=0.0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+
+# Flows below this are rounding noise (a kW-scale site, float arithmetic), not energy.
+EPSILON_KW = 1e-9
+
+
+class ConsumerKind(StrEnum):
+    FLEET = "fleet"
+    FACILITY = "facility"
+    BATTERY_CHARGING = "battery_charging"
+    OPPORTUNISTIC = "opportunistic"
+    EXPORT = "export"
+
+
+class DispatchPeriod(StrEnum):
+    """The time-of-use period of an interval, as far as battery dispatch is concerned."""
+
+    SUPER_OFF_PEAK = "super_off_peak"
+    OFF_PEAK = "off_peak"
+    SHOULDER = "shoulder"
+    PEAK = "peak"
+
+
+# Tariffs name their periods freely; these are the spellings we map to a dispatch period.
+_PERIOD_ALIASES: dict[str, DispatchPeriod] = {
+    "super_off_peak": DispatchPeriod.SUPER_OFF_PEAK,
+    "superoffpeak": DispatchPeriod.SUPER_OFF_PEAK,
+    "off_peak": DispatchPeriod.OFF_PEAK,
+    "offpeak": DispatchPeriod.OFF_PEAK,
+    "shoulder": DispatchPeriod.SHOULDER,
+    "mid_peak": DispatchPeriod.SHOULDER,
+    "partial_peak": DispatchPeriod.SHOULDER,
+    "standard": DispatchPeriod.SHOULDER,
+    "hold": DispatchPeriod.SHOULDER,
+    "peak": DispatchPeriod.PEAK,
+    "on_peak": DispatchPeriod.PEAK,
+}
+
+
+def period_from_name(name: str) -> DispatchPeriod:
+    """The dispatch period of a tariff period name (``TouPeriod.name``), e.g. ``Super off-peak``.
+
+    Raises ValueError for a name it does not know, rather than guessing a dispatch.
+    """
+    key = name.strip().lower().replace("-", "_").replace(" ", "_")
+    try:
+        return _PERIOD_ALIASES[key]
+    except KeyError:
+        raise ValueError(
+            f"tariff period {name!r} has no dispatch period; use one of "
+            f"{sorted({p.value for p in DispatchPeriod})} or an alias {sorted(_PERIOD_ALIASES)}"
+        ) from None
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ConsumerConfig(_Config):
+    """One consumer of energy at a site."""
+
+    name: Identifier
+    """Also the device id that island mode sheds and restores."""
+    kind: ConsumerKind
+    priority: Annotated[int, Field(ge=0)]
+    """Lower is served first; ties are broken by name, so the order is deterministic."""
+    requested_kw: NonNegativeKw = 0.0
+    """Demand when an interval gives none for this consumer. Ignored for battery_charging
+    (the battery's headroom decides) and export (the export limit decides). [kW]"""
+    critical: bool = False
+    """Kept powered in island mode; non-critical consumers are shed when the grid fails."""
+    grid_allowed: bool = True
+    """May draw grid energy at all (battery_charging: may charge from the grid)."""
+    max_grid_price_per_kwh: float | None = None
+    """Draw grid energy only while the import price is at or below this; None: any price.
+    Required for opportunistic consumers that may use the grid. [currency/kWh]"""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if (
+            self.kind is ConsumerKind.OPPORTUNISTIC
+            and self.grid_allowed
+            and self.max_grid_price_per_kwh is None
+        ):
+            raise ValueError(
+                f"consumer {self.name}: opportunistic consumers run on surplus solar or cheap "
+                "grid energy; set max_grid_price_per_kwh or grid_allowed=false"
+            )
+        if self.kind is ConsumerKind.EXPORT and self.grid_allowed:
+            # Exporting grid energy back to the grid is meaningless; make the config say so.
+            raise ValueError(f"consumer {self.name}: export consumers need grid_allowed=false")
+        return self
+
+
+def default_consumers() -> list[ConsumerConfig]:
+    """The issue's default priority order: fleet, facility, battery, opportunistic, export."""
+    return [
+        ConsumerConfig(name="fleet", kind=ConsumerKind.FLEET, priority=10),
+        ConsumerConfig(name="facility", kind=ConsumerKind.FACILITY, priority=20, critical=True),
+        ConsumerConfig(name="battery", kind=ConsumerKind.BATTERY_CHARGING, priority=30),
+        ConsumerConfig(
+            name="opportunistic",
+            kind=ConsumerKind.OPPORTUNISTIC,
+            priority=40,
+            grid_allowed=False,
+        ),
+        ConsumerConfig(name="export", kind=ConsumerKind.EXPORT, priority=50, grid_allowed=False),
+    ]
+
+
+class StorageConfig(_Config):
+    """The site battery as allocation sees it (one aggregate battery per site)."""
+
+    capacity_kwh: PositiveFloat
+    max_charge_kw: PositiveFloat
+    max_discharge_kw: PositiveFloat
+    round_trip_efficiency: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    """AC to AC; split evenly (square root) between charge and discharge, as in arbitrage."""
+    soc_min_pct: Pct = 10.0
+    soc_max_pct: Pct = 95.0
+    reserve_pct: Pct = 20.0
+    """Kept for backup power: allocation never discharges below it (island mode may)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if not self.soc_min_pct < self.soc_max_pct:
+            raise ValueError(
+                f"battery: soc_min_pct ({self.soc_min_pct}) must be below "
+                f"soc_max_pct ({self.soc_max_pct})"
+            )
+        if not self.reserve_pct <= self.soc_max_pct:
+            raise ValueError(
+                f"battery: reserve_pct ({self.reserve_pct}) must not exceed "
+                f"soc_max_pct ({self.soc_max_pct})"
+            )
+        return self
+
+    @property
+    def floor_pct(self) -> float:
+        """Lowest state of charge allocation discharges to: the reserve or soc_min. [%]"""
+        return max(self.soc_min_pct, self.reserve_pct)
+
+    @property
+    def one_way_efficiency(self) -> float:
+        return math.sqrt(self.round_trip_efficiency)
+
+    @classmethod
+    def from_battery(cls, battery: BatteryConfig) -> StorageConfig:
+        """The storage limits of a configured battery (``[[sites.batteries]]``)."""
+        return cls(
+            capacity_kwh=battery.capacity_kwh,
+            max_charge_kw=battery.max_charge_kw,
+            max_discharge_kw=battery.max_discharge_kw,
+            round_trip_efficiency=battery.round_trip_efficiency,
+            soc_min_pct=battery.soc_min_pct,
+            soc_max_pct=battery.soc_max_pct,
+            reserve_pct=battery.reserve_pct,
+        )
+
+
+class SiteLimits(_Config):
+    """Limits of the grid connection and the fleet."""
+
+    max_grid_import_kw: NonNegativeKw
+    """Contracted capacity or main breaker: never exceeded. [kW]"""
+    max_export_kw: NonNegativeKw
+    """Export limit of the connection agreement (0 for a zero-export site). [kW]"""
+    fleet_min_soc_pct: Pct = 0.0
+    """Below this fleet state of charge, fleet charging jumps the queue and ignores its
+    price limit: vehicles must be able to leave. 0 disables it. [%]"""
+
+
+class TouDispatchConfig(_Config):
+    """How time-of-use periods drive the battery."""
+
+    grid_charge_targets_pct: dict[DispatchPeriod, Pct] = Field(
+        default_factory=lambda: {
+            DispatchPeriod.SUPER_OFF_PEAK: 90.0,
+            # Off-peak is dearer and often sunny: top up only partly, leaving room for solar.
+            DispatchPeriod.OFF_PEAK: 60.0,
+        }
+    )
+    """Periods in which the battery charges from the grid, and up to which state of charge."""
+    discharge_periods: frozenset[DispatchPeriod] = frozenset({DispatchPeriod.PEAK})
+    """Periods in which the battery discharges to serve loads (down to the reserve)."""
+    battery_export_min_price_per_kwh: float | None = None
+    """In a discharge period the battery also exports, once the site's loads are served,
+    when the export price is at least this. Set it above the charge price divided by the
+    round-trip efficiency so that an export is a profit. None: never export stored
+    energy. [currency/kWh]"""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        both = sorted(set(self.grid_charge_targets_pct) & self.discharge_periods)
+        if both:
+            raise ValueError(
+                f"dispatch: periods {both} are in both grid_charge_targets_pct and "
+                "discharge_periods; a period either charges or discharges"
+            )
+        return self
+
+
+class AllocationConfig(_Config):
+    """Everything allocation needs to know about one site."""
+
+    site: Identifier
+    limits: SiteLimits
+    battery: StorageConfig | None = None
+    consumers: list[ConsumerConfig] = Field(default_factory=default_consumers)
+    dispatch: TouDispatchConfig = TouDispatchConfig()
+    currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        names = [c.name for c in self.consumers]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"site {self.site}: duplicate consumers {duplicates}")
+        for kind in (ConsumerKind.BATTERY_CHARGING, ConsumerKind.EXPORT):
+            found = [c.name for c in self.consumers if c.kind is kind]
+            if len(found) > 1:
+                # One battery and one grid connection per site: two would split one flow.
+                raise ValueError(f"site {self.site}: more than one {kind.value} consumer {found}")
+        if self.battery is not None:
+            for period, target in self.dispatch.grid_charge_targets_pct.items():
+                if target > self.battery.soc_max_pct:
+                    raise ValueError(
+                        f"site {self.site}: dispatch.grid_charge_targets_pct[{period.value}] "
+                        f"({target}) exceeds battery.soc_max_pct ({self.battery.soc_max_pct})"
+                    )
+        return self
+
+
+# --- one interval ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IntervalInputs:
+    """What is known at the start of one interval."""
+
+    start: datetime
+    duration_h: float
+    """Length of the interval. [h]"""
+    solar_kw: float
+    """Expected (or measured) solar generation, averaged over the interval. [kW]"""
+    price_per_kwh: float
+    """Import price. [currency/kWh]"""
+    export_price_per_kwh: float
+    """Feed-in price; negative means exporting costs money. [currency/kWh]"""
+    tou_period: DispatchPeriod
+    battery_soc_pct: float | None = None
+    """State of charge at the start of the interval; None with no battery. [%]"""
+    fleet_soc_pct: float | None = None
+    """Fleet state of charge (e.g. the lowest plugged-in vehicle); None: unknown. [%]"""
+    requests_kw: Mapping[str, float] = field(default_factory=dict)
+    """Demand per consumer name; a consumer not listed requests its configured
+    ``requested_kw``. [kW]"""
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """An allocation plan and what the plan alone does not say."""
+
+    plan: AllocationPlan
+    battery_charge_kw: float
+    """From solar and grid, AC side. [kW]"""
+    battery_discharge_kw: float
+    """To loads and export, AC side. [kW]"""
+    battery_soc_end_pct: float | None
+    """State of charge at the end of the interval if the plan is followed. [%]"""
+    grid_import_kw: float
+    export_kw: float
+    curtailed_kw: float
+    """Solar nobody could take. [kW]"""
+    unserved_kw: dict[str, float]
+    """Demand of loads (fleet, facility, opportunistic) that was not met, by consumer. [kW]"""
+    binding: tuple[str, ...]
+    """Limits that constrained the plan, e.g. ``max_grid_import_kw``, ``reserve_pct``."""
+
+
+def _finite(name: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+def _validate(interval: IntervalInputs, config: AllocationConfig) -> None:
+    if not (_finite("duration_h", interval.duration_h) > 0):
+        raise ValueError(f"duration_h must be positive, got {interval.duration_h}")
+    if _finite("solar_kw", interval.solar_kw) < 0:
+        raise ValueError(f"solar_kw must be >= 0, got {interval.solar_kw}")
+    _finite("price_per_kwh", interval.price_per_kwh)
+    _finite("export_price_per_kwh", interval.export_price_per_kwh)
+    if config.battery is not None and interval.battery_soc_pct is None:
+        raise ValueError(f"site {config.site} has a battery: battery_soc_pct is required")
+    for name, soc in (
+        ("battery_soc_pct", interval.battery_soc_pct),
+        ("fleet_soc_pct", interval.fleet_soc_pct),
+    ):
+        if soc is not None and not 0.0 <= _finite(name, soc) <= 100.0:
+            raise ValueError(f"{name} must be in [0, 100], got {soc}")
+    known = {c.name for c in config.consumers}
+    for name, kw in interval.requests_kw.items():
+        if name not in known:
+            raise ValueError(f"requests_kw: unknown consumer {name!r}; configured: {sorted(known)}")
+        if _finite(f"requests_kw[{name}]", kw) < 0:
+            raise ValueError(f"requests_kw[{name}] must be >= 0, got {kw}")
+
+
+@dataclass
+class _Pools:
+    """What is left of each source while consumers are served, in priority order. [kW]"""
+
+    solar_kw: float
+    battery_kw: float
+    """Discharge still available (0 outside discharge periods or at the reserve)."""
+    grid_kw: float
+    grid_charge_kw: float
+    """Grid charging still allowed by the period's target."""
+    charge_kw: float
+    """Charging still allowed by soc_max and max_charge_kw."""
+    charged_kw: float = 0.0
+    discharged_kw: float = 0.0
+    imported_kw: float = 0.0
+    battery_short: bool = False
+    """A consumer allowed to use the battery still wanted energy once it was used up."""
+
+
+def dispatch(interval: IntervalInputs, config: AllocationConfig) -> Dispatch:
+    """Allocate one interval: serve consumers in priority order, each in merit order.
+
+    See the module docstring for the merit order and the rules per consumer kind.
+    Pure: the same inputs always give the same plan (and the same ``plan_id``).
+    """
+    _validate(interval, config)
+    limits = config.limits
+    battery = config.battery
+    dt_h = interval.duration_h
+    binding: set[str] = set()
+
+    discharge_cap_kw = charge_cap_kw = grid_charge_cap_kw = 0.0
+    soc_pct = interval.battery_soc_pct
+    if battery is not None and soc_pct is not None:
+        eta = battery.one_way_efficiency
+        above_floor_kwh = max(0.0, soc_pct - battery.floor_pct) / 100.0 * battery.capacity_kwh
+        headroom_kwh = max(0.0, battery.soc_max_pct - soc_pct) / 100.0 * battery.capacity_kwh
+        if interval.tou_period in config.dispatch.discharge_periods:
+            discharge_cap_kw = min(battery.max_discharge_kw, above_floor_kwh * eta / dt_h)
+        charge_cap_kw = min(battery.max_charge_kw, headroom_kwh / (eta * dt_h))
+        target = config.dispatch.grid_charge_targets_pct.get(interval.tou_period)
+        if target is not None:
+            to_target_kwh = max(0.0, target - soc_pct) / 100.0 * battery.capacity_kwh
+            grid_charge_cap_kw = min(charge_cap_kw, to_target_kwh / (eta * dt_h))
+
+    pools = _Pools(
+        solar_kw=interval.solar_kw,
+        battery_kw=discharge_cap_kw,
+        grid_kw=limits.max_grid_import_kw,
+        grid_charge_kw=grid_charge_cap_kw,
+        charge_kw=charge_cap_kw,
+    )
+    fleet_short = (
+        interval.fleet_soc_pct is not None and interval.fleet_soc_pct < limits.fleet_min_soc_pct
+    )
+
+    def served_priority(consumer: ConsumerConfig) -> int:
+        return -1 if fleet_short and consumer.kind is ConsumerKind.FLEET else consumer.priority
+
+    order = sorted(config.consumers, key=lambda c: (served_priority(c), c.name))
+    allocations: list[Allocation] = []
+    unserved: dict[str, float] = {}
+    export_kw = 0.0
+    for consumer in order:
+        requested_kw, flows = _serve(consumer, interval, config, pools, fleet_short, binding)
+        allocated_kw = sum(flows.values())
+        allocations.append(
+            Allocation(
+                consumer=consumer.name,
+                priority=served_priority(consumer),
+                requested_kw=requested_kw,
+                allocated_kw=allocated_kw,
+                sources=[SourceFlow(source=s, power_kw=kw) for s, kw in flows.items()],
+            )
+        )
+        if consumer.kind is ConsumerKind.EXPORT:
+            export_kw += allocated_kw
+        elif consumer.kind is not ConsumerKind.BATTERY_CHARGING:
+            short_kw = requested_kw - allocated_kw
+            if short_kw > EPSILON_KW:
+                unserved[consumer.name] = short_kw
+    if fleet_short:
+        binding.add("fleet_min_soc_pct")
+    battery_exhausted = (
+        battery is not None
+        and interval.tou_period in config.dispatch.discharge_periods
+        and pools.battery_short
+    )
+    if battery is not None and battery_exhausted:
+        # The battery gave all it could while someone still needed energy: say why.
+        if discharge_cap_kw == battery.max_discharge_kw:
+            binding.add("max_discharge_kw")
+        else:
+            binding.add(
+                "reserve_pct" if battery.reserve_pct >= battery.soc_min_pct else "soc_min_pct"
+            )
+
+    solar_used_kw = interval.solar_kw - pools.solar_kw
+    curtailed_kw = pools.solar_kw
+    grid_cost = pools.imported_kw * dt_h * interval.price_per_kwh
+    export_revenue = export_kw * dt_h * interval.export_price_per_kwh
+    net_cost = grid_cost - export_revenue
+    baseline = baseline_net_cost(interval, config, allocations)
+
+    soc_end_pct: float | None = None
+    if battery is not None and soc_pct is not None:
+        eta = battery.one_way_efficiency
+        delta_kwh = (pools.charged_kw * eta - pools.discharged_kw / eta) * dt_h
+        soc_end_pct = min(100.0, max(0.0, soc_pct + delta_kwh / battery.capacity_kwh * 100.0))
+
+    end = interval.start + timedelta(hours=dt_h)
+    plan = AllocationPlan(
+        plan_id=stable_id("alloc", config.site, interval.start.isoformat()),
+        site=config.site,
+        start=interval.start,
+        end=end,
+        sources=[
+            SourceFlow(source="solar", power_kw=solar_used_kw),
+            SourceFlow(source="battery", power_kw=pools.discharged_kw),
+            SourceFlow(source="grid", power_kw=pools.imported_kw),
+        ],
+        allocations=allocations,
+        currency=config.currency,
+        grid_cost=grid_cost,
+        export_revenue=export_revenue,
+        net_cost=net_cost,
+        baseline_net_cost=baseline,
+        saving=baseline - net_cost,
+    )
+    return Dispatch(
+        plan=plan,
+        battery_charge_kw=pools.charged_kw,
+        battery_discharge_kw=pools.discharged_kw,
+        battery_soc_end_pct=soc_end_pct,
+        grid_import_kw=pools.imported_kw,
+        export_kw=export_kw,
+        curtailed_kw=curtailed_kw,
+        unserved_kw=unserved,
+        binding=tuple(sorted(binding)),
+    )
+
+
+def allocate(interval: IntervalInputs, config: AllocationConfig) -> AllocationPlan:
+    """The :class:`AllocationPlan` of one interval (see :func:`dispatch` for the details)."""
+    return dispatch(interval, config).plan
+
+
+def _serve(
+    consumer: ConsumerConfig,
+    interval: IntervalInputs,
+    config: AllocationConfig,
+    pools: _Pools,
+    fleet_short: bool,
+    binding: set[str],
+) -> tuple[float, dict[str, float]]:
+    """Serve one consumer from the pools in merit order; return (requested_kw, flows by source)."""
+    kind = consumer.kind
+    flows: dict[str, float] = {}
+
+    def take(source: str, available_kw: float, wanted_kw: float) -> float:
+        kw = max(0.0, min(available_kw, wanted_kw))
+        if kw > EPSILON_KW:
+            flows[source] = flows.get(source, 0.0) + kw
+            return kw
+        return 0.0
+
+    if kind is ConsumerKind.BATTERY_CHARGING:
+        # No simultaneous charge and discharge: a battery that already discharged this
+        # interval (an earlier consumer at peak) wants nothing.
+        requested_kw = 0.0 if pools.discharged_kw > 0 else pools.charge_kw
+        remaining = requested_kw
+        kw = take("solar", pools.solar_kw, remaining)
+        pools.solar_kw -= kw
+        remaining -= kw
+        if consumer.grid_allowed:
+            # The target caps the stored total: solar charged this interval counts toward it.
+            grid_room_kw = max(0.0, pools.grid_charge_kw - flows.get("solar", 0.0))
+            kw = take("grid", min(pools.grid_kw, grid_room_kw), remaining)
+            if kw < min(grid_room_kw, remaining) - EPSILON_KW:
+                binding.add("max_grid_import_kw")
+            pools.grid_kw -= kw
+            pools.imported_kw += kw
+            pools.grid_charge_kw -= kw
+        pools.charged_kw += sum(flows.values())
+        pools.charge_kw -= sum(flows.values())
+        if config.battery is not None and requested_kw >= config.battery.max_charge_kw:
+            binding.add("max_charge_kw")
+        return requested_kw, flows
+
+    if kind is ConsumerKind.EXPORT:
+        # A negative export price means paying to export: curtail instead.
+        limit_kw = config.limits.max_export_kw if interval.export_price_per_kwh >= 0 else 0.0
+        requested_kw = limit_kw
+        kw = take("solar", pools.solar_kw, limit_kw)
+        pools.solar_kw -= kw
+        remaining = limit_kw - kw
+        min_price = config.dispatch.battery_export_min_price_per_kwh
+        if (
+            min_price is not None
+            and interval.export_price_per_kwh >= min_price
+            and pools.charged_kw == 0
+            # Never export stored energy while importing: that is buying to sell.
+            and pools.imported_kw == 0
+        ):
+            kw = take("battery", pools.battery_kw, remaining)
+            pools.battery_kw -= kw
+            pools.discharged_kw += kw
+            remaining -= kw
+            pools.battery_short |= remaining > EPSILON_KW
+        if pools.solar_kw > EPSILON_KW and remaining <= EPSILON_KW and limit_kw > 0:
+            binding.add("max_export_kw")
+        return requested_kw, flows
+
+    requested_kw = interval.requests_kw.get(consumer.name, consumer.requested_kw)
+    remaining = requested_kw
+    kw = take("solar", pools.solar_kw, remaining)
+    pools.solar_kw -= kw
+    remaining -= kw
+    if kind in (ConsumerKind.FLEET, ConsumerKind.FACILITY) and pools.charged_kw == 0:
+        kw = take("battery", pools.battery_kw, remaining)
+        pools.battery_kw -= kw
+        pools.discharged_kw += kw
+        remaining -= kw
+        pools.battery_short |= remaining > EPSILON_KW
+    if _may_use_grid(consumer, interval.price_per_kwh, fleet_short):
+        kw = take("grid", pools.grid_kw, remaining)
+        pools.grid_kw -= kw
+        pools.imported_kw += kw
+        remaining -= kw
+        if remaining > EPSILON_KW:
+            binding.add("max_grid_import_kw")
+    return requested_kw, flows
+
+
+def _may_use_grid(consumer: ConsumerConfig, price_per_kwh: float, fleet_short: bool) -> bool:
+    if not consumer.grid_allowed:
+        return False
+    if consumer.kind is ConsumerKind.FLEET and fleet_short:
+        return True  # the minimum state of charge outranks the price limit
+    limit = consumer.max_grid_price_per_kwh
+    return limit is None or price_per_kwh <= limit
+
+
+def baseline_net_cost(
+    interval: IntervalInputs, config: AllocationConfig, allocations: Iterable[Allocation]
+) -> float:
+    """Net cost of serving the same loads with no optimisation. [currency]
+
+    The baseline is what the site would pay for the *same delivered load* (the
+    ``allocated_kw`` of every fleet, facility and opportunistic consumer in the
+    plan) with no controller at all:
+
+    * no battery dispatch (the battery neither charges nor discharges);
+    * solar serves the loads first - every inverter does that by itself - and
+      the surplus is exported up to ``max_export_kw`` when the export price is not
+      negative, the rest curtailed;
+    * the grid covers whatever solar does not, at the import price. The import
+      limit is not applied: the baseline is an accounting counterfactual, not a
+      plan, and it serves exactly the load the plan served so that the saving
+      measures dispatch, not service level.
+
+    ``saving = baseline_net_cost - net_cost`` is therefore what battery dispatch
+    and the priority order earned in this interval. It can be negative in a single
+    interval (charging from the grid at night, or storing solar instead of
+    exporting it) and is recovered at peak: judge it over a day.
+    """
+    load_kw = sum(
+        a.allocated_kw
+        for a, c in _with_consumers(allocations, config)
+        if c.kind not in (ConsumerKind.BATTERY_CHARGING, ConsumerKind.EXPORT)
+    )
+    solar_to_load_kw = min(interval.solar_kw, load_kw)
+    import_kw = load_kw - solar_to_load_kw
+    export_kw = 0.0
+    if interval.export_price_per_kwh >= 0:
+        export_kw = min(interval.solar_kw - solar_to_load_kw, config.limits.max_export_kw)
+    dt_h = interval.duration_h
+    return import_kw * dt_h * interval.price_per_kwh - export_kw * dt_h * (
+        interval.export_price_per_kwh
+    )
+
+
+def _with_consumers(
+    allocations: Iterable[Allocation], config: AllocationConfig
+) -> list[tuple[Allocation, ConsumerConfig]]:
+    by_name = {c.name: c for c in config.consumers}
+    return [(a, by_name[a.consumer]) for a in allocations]
+
+
+def dispatch_series(
+    intervals: Iterable[IntervalInputs], config: AllocationConfig, initial_soc_pct: float
+) -> list[Dispatch]:
+    """Allocate consecutive intervals, carrying the battery's state of charge forward.
+
+    Each interval starts at the state of charge the previous plan ends with (its
+    own ``battery_soc_pct`` is ignored): what a backtest of the plans would see if
+    the battery followed them exactly.
+    """
+    soc_pct = initial_soc_pct
+    out: list[Dispatch] = []
+    for interval in intervals:
+        result = dispatch(replace(interval, battery_soc_pct=soc_pct), config)
+        out.append(result)
+        if result.battery_soc_end_pct is not None:
+            soc_pct = result.battery_soc_end_pct
+    return out
