@@ -149,6 +149,10 @@ class BatteryConfig(_Area):
     """Threshold strategy: discharge above this price (required for it)."""
     degradation_cost_per_kwh: Annotated[float, Field(ge=0.0)] = 0.0
     """Optimal strategy: wear cost per kWh discharged, in the price's currency."""
+    commands: Literal["off", "dry_run", "live"] = "dry_run"
+    """What each decision sends to the device: ``off`` nothing; ``dry_run`` a command
+    marked dry-run (audited, never applied); ``live`` a command the control
+    connector applies, if it is enabled too (two keys)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

@@ -41,6 +41,7 @@ from pipeline import codec, topics
 from pipeline.schemas import (
     Action,
     BatteryReading,
+    Command,
     Decision,
     PriceTick,
     TelemetryBatch,
@@ -519,6 +520,29 @@ class SiteArbitrage:
         state.intervals = [i for i in state.intervals if i.end_ms >= newest - PRICE_HORIZON_MS]
 
 
+def command_for(decision: Decision, battery: BatteryConfig) -> Command | None:
+    """The device command that carries out a decision (None if the battery sends none).
+
+    The setpoint is the decision's power, already within the battery's limits;
+    the control connector clamps again to the device's own. It expires with the
+    decision's interval, so a late command is never applied to the next one.
+    """
+    if battery.commands == "off":
+        return None
+    return Command(
+        command_id=stable_id("cmd", decision.decision_id),
+        site=decision.site,
+        device=decision.device,
+        action="set_power",
+        setpoint_kw=decision.power_kw,
+        reason=f"{decision.strategy} {decision.action.value}: {decision.reason}",
+        issued_at=decision.decided_at,
+        valid_until=decision.valid_until,
+        dry_run=battery.commands != "live",
+        source_id=decision.decision_id,
+    )
+
+
 def battery_readings(batch: TelemetryBatch) -> list[BatteryReading]:
     return [r for r in batch.readings if isinstance(r, BatteryReading)]
 
@@ -541,6 +565,7 @@ def register(app: faust.App, settings: Settings) -> None:
     site_prices_name = settings.topic(topics.SITE_PRICES)
     source = raw_topic(app, settings, topics.TELEMETRY, topics.SITE_PRICES)
     decisions_topic = raw_topic(app, settings, topics.DECISIONS)
+    commands_topic = raw_topic(app, settings, topics.COMMANDS)
     dlq = DeadLetters(app, settings, component=__name__)
     table = app.Table(
         f"{settings.app_id}-arbitrage-state",
@@ -578,3 +603,6 @@ def register(app: faust.App, settings: Settings) -> None:
             table[site] = state.to_json()
             for decision in decisions:
                 await decisions_topic.send(key=site.encode(), value=codec.encode(decision))
+                command = command_for(decision, engine.batteries[decision.device])
+                if command is not None:
+                    await commands_topic.send(key=site.encode(), value=codec.encode(command))

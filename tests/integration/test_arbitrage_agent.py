@@ -13,7 +13,7 @@ from ingest.replay import Replay
 from pipeline import codec, kafka, topics
 from pipeline.app import agent_input_topics, create_app
 from pipeline.local import EmbeddedBroker
-from pipeline.schemas import DeadLetter, Decision
+from pipeline.schemas import Command, DeadLetter, Decision
 from tests.conftest import SettingsFactory
 from tests.expectations import expected_decisions
 
@@ -97,6 +97,17 @@ async def test_replay_through_agents_gives_the_rule_decisions_and_dead_letters_b
     key = lambda d: (d.site, d.valid_from)  # noqa: E731
     assert sorted(got, key=key) == sorted(expected, key=key)
     assert {d.action.value for d in got} == {"CHARGE", "DISCHARGE", "HOLD"}
+
+    # Every decision is also a command to its battery, dry-run by default.
+    commands = [
+        codec.decode(Command, v) for _, v in await kafka.read_all(settings, topics.COMMANDS)
+    ]
+    by_source = {c.source_id: c for c in commands}
+    assert len(commands) == len(by_source) == len(got)
+    for decision in got:
+        command = by_source[decision.decision_id]
+        assert (command.device, command.setpoint_kw) == (decision.device, decision.power_kw)
+        assert command.dry_run and command.valid_until == decision.valid_until
 
     letters = [
         codec.decode(DeadLetter, v) for _, v in await kafka.read_all(settings, topics.DEAD_LETTERS)

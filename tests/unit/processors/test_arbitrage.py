@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from pipeline.schemas import Action, BatteryReading, PriceTick
 from pipeline.settings import BatteryConfig, SiteConfig
-from processors.arbitrage import MAX_UNPRICED, SiteArbitrage, SiteState, decide_threshold
+from processors.arbitrage import (
+    MAX_UNPRICED,
+    SiteArbitrage,
+    SiteState,
+    command_for,
+    decide_threshold,
+)
 
 
 def battery(**overrides: object) -> BatteryConfig:
@@ -350,3 +356,21 @@ def test_threshold_needs_its_thresholds_optimal_does_not() -> None:
         strategy="optimal", charge_below_price_per_kwh=None, discharge_above_price_per_kwh=None
     )
     assert optimal.strategy == "optimal"
+
+
+def test_a_decision_becomes_a_command_dry_run_unless_live() -> None:
+    engine, state = SiteArbitrage(SITE), SiteState()
+    engine.on_price(state, tick(0, 0.01))
+    (decision,) = engine.on_readings(state, [reading(0, 50.0)])
+    command = command_for(decision, battery())
+    assert command is not None
+    assert (command.action, command.setpoint_kw, command.source_id) == (
+        "set_power",
+        decision.power_kw,
+        decision.decision_id,
+    )
+    assert command.dry_run and command.valid_until == decision.valid_until
+    assert command_for(decision, battery()) == command  # deterministic id: replays repeat it
+    live = command_for(decision, battery(commands="live"))
+    assert live is not None and not live.dry_run
+    assert command_for(decision, battery(commands="off")) is None
