@@ -218,3 +218,19 @@ def ingest_modbus(obj: Context, connector_config: Path, table: str) -> None:
         table,
         lambda s, p, t: ModbusConnector(s, ModbusConfig.from_toml(p, t)),
     )
+
+
+@ingest_group.command("control")
+@_config_argument
+@click.option("--table", default="control", show_default=True, help="TOML table to read.")
+@click.pass_obj
+def ingest_control(obj: Context, connector_config: Path, table: str) -> None:
+    """Apply commands as Modbus writes / MQTT publishes (dry-run unless enabled), audited."""
+    from ingest.control import ControlConfig, ControlConnector
+
+    run_connector(
+        obj,
+        connector_config,
+        table,
+        lambda s, p, t: ControlConnector(s, ControlConfig.from_toml(p, t)),
+    )
