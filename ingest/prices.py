@@ -49,7 +49,7 @@ import tomllib
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from pathlib import Path
 from types import TracebackType
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
@@ -130,8 +130,12 @@ def table_rows(raw: bytes, fmt: Literal["csv", "json"], list_key: str) -> list[d
     return data
 
 
-def parse_instant(value: Any, name: str) -> datetime:
-    """A timezone-aware instant in UTC from ISO 8601 text; naive times are refused."""
+def parse_instant(value: Any, name: str, naive_zone: tzinfo | None = None) -> datetime:
+    """A timezone-aware instant in UTC from ISO 8601 text.
+
+    Naive times are refused, unless ``naive_zone`` says which clock they are on
+    (a history file exported without offsets).
+    """
     if not isinstance(value, str):
         raise ValueError(f"{name} must be ISO 8601 text, got {value!r}")
     try:
@@ -139,7 +143,9 @@ def parse_instant(value: Any, name: str) -> datetime:
     except ValueError:
         raise ValueError(f"{name} {value!r} is not ISO 8601") from None
     if parsed.tzinfo is None:
-        raise ValueError(f"{name} {value!r} has no UTC offset")
+        if naive_zone is None:
+            raise ValueError(f"{name} {value!r} has no UTC offset")
+        parsed = parsed.replace(tzinfo=naive_zone)
     return parsed.astimezone(UTC)
 
 
@@ -160,11 +166,13 @@ def parse_prices(
     *,
     market: str | None = None,
     price_kind: PriceKind = PriceKind.DAY_AHEAD,
+    naive_zone: tzinfo | None = None,
 ) -> Parsed[PriceTick]:
     """Ticks of a price document (CSV, JSON or ENTSO-E XML), sorted by market and start.
 
     Bad rows are returned as rejected with their row number; a document that is
     unusable as a whole raises :class:`DocumentError` (or :class:`NoDataError`).
+    Times without a UTC offset are rejected unless ``naive_zone`` is given.
     """
     fmt = sniff_format(raw) if fmt == "auto" else fmt
     if fmt == "entsoe":
@@ -186,7 +194,7 @@ def parse_prices(
         try:
             if not isinstance(row, dict):
                 raise ValueError(f"expected an object, got {row!r}")
-            good.append((number, row, parse_instant(row.get("time"), "time")))
+            good.append((number, row, parse_instant(row.get("time"), "time", naive_zone)))
         except ValueError as error:
             rejected.append((number, bad_row(number, row, str(error))))
 
@@ -203,7 +211,7 @@ def parse_prices(
         ends = fill_ends([start for _, _, start in entries])
         for (number, row, start), default_end in zip(entries, ends, strict=True):
             try:
-                ticks.append(_tick(row, market_id, start, default_end, price_kind))
+                ticks.append(_tick(row, market_id, start, default_end, price_kind, naive_zone))
             except (ValueError, ValidationError) as error:
                 reason = codec.describe(error) if isinstance(error, ValidationError) else str(error)
                 rejected.append((number, bad_row(number, row, reason)))
@@ -219,6 +227,7 @@ def _tick(
     start: datetime,
     default_end: datetime | None,
     price_kind: PriceKind,
+    naive_zone: tzinfo | None = None,
 ) -> PriceTick:
     column = next((c for c in PRICE_COLUMNS if row.get(c) is not None), None)
     if column is None:
@@ -228,7 +237,7 @@ def _tick(
         price = round(float(row[column]) / PRICE_COLUMNS[column], 10)
     except (TypeError, ValueError):
         raise ValueError(f"{column} {row[column]!r} is not a number") from None
-    end = parse_instant(row["end"], "end") if "end" in row else default_end
+    end = parse_instant(row["end"], "end", naive_zone) if "end" in row else default_end
     if end is None:
         raise ValueError("a single price needs an 'end'")
     published = row.get("published_at")
@@ -240,7 +249,7 @@ def _tick(
         currency=str(row.get("currency", "EUR")),
         price_kind=price_kind,
         # A price is known no later than its interval starts: a safe default for strategies.
-        published_at=parse_instant(published, "published_at") if published else start,
+        published_at=(parse_instant(published, "published_at", naive_zone) if published else start),
     )
 
 
@@ -250,13 +259,17 @@ def bad_row(number: int, row: Any, reason: str) -> Rejected:
 
 
 def read_price_file(
-    path: Path, *, market: str | None = None, fmt: Format = "auto"
+    path: Path,
+    *,
+    market: str | None = None,
+    fmt: Format = "auto",
+    naive_zone: tzinfo | None = None,
 ) -> Parsed[PriceTick]:
     """Read a CSV, JSON or ENTSO-E XML price file (see :func:`parse_prices`)."""
     by_suffix: dict[str, Format] = {".csv": "csv", ".json": "json", ".xml": "entsoe"}
     if fmt == "auto":
         fmt = by_suffix.get(path.suffix.lower(), "auto")
-    return parse_prices(path.read_bytes(), fmt, market=market)
+    return parse_prices(path.read_bytes(), fmt, market=market, naive_zone=naive_zone)
 
 
 # --- time-of-use tariffs -------------------------------------------------------------------

@@ -38,13 +38,14 @@ def _zone(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     return value
 
 
-def read_history(path: Path) -> tuple[list[PricePoint], list[str]]:
+def read_history(path: Path, naive_zone: str = "UTC") -> tuple[list[PricePoint], list[str]]:
     """Price points of the file, sorted; and why each skipped row was skipped.
 
     Rows with a blank price are skipped (a history has holes); so is any other
-    row that cannot be a price, with its row number in the reason.
+    row that cannot be a price, with its row number in the reason. Times without
+    a UTC offset are read on the clock of ``naive_zone``.
     """
-    parsed = read_price_file(path, market="history")
+    parsed = read_price_file(path, market="history", naive_zone=ZoneInfo(naive_zone))
     ticks = sorted(parsed.messages, key=lambda t: t.start)
     # A price is stored with published_at = start when the file does not say:
     # then the day-ahead publication model applies (Publication).
@@ -123,6 +124,13 @@ def read_history(path: Path) -> tuple[list[PricePoint], list[str]]:
     help="When the day before's auction publishes a day's prices (when the file does not say).",
 )
 @click.option(
+    "--naive-time-zone",
+    default="UTC",
+    show_default=True,
+    callback=_zone,
+    help="The clock of times written without a UTC offset.",
+)
+@click.option(
     "--report",
     type=click.Path(path_type=Path, dir_okay=False),
     default=Path("out/backtest.html"),
@@ -143,6 +151,7 @@ def backtest(
     strategies: tuple[str, ...],
     time_zone: str,
     publication_time: time,
+    naive_time_zone: str,
     report: Path,
     as_json: bool,
 ) -> None:
@@ -156,7 +165,7 @@ def backtest(
     if charge_below is not None and discharge_above is not None and charge_below >= discharge_above:
         raise click.BadParameter("--charge-below must be below --discharge-above")
     try:
-        points, skipped = read_history(prices_path)
+        points, skipped = read_history(prices_path, naive_time_zone)
     except (DocumentError, OSError) as error:
         click.echo(f"wattstream: {prices_path}: {error}", err=True)
         sys.exit(EXIT_USAGE)

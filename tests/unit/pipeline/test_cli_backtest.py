@@ -106,3 +106,17 @@ def test_a_history_may_start_with_blank_prices(tmp_path: Path) -> None:
     )
     code, out, _ = run("--prices", str(path), *BATTERY, "--json")
     assert code == 0 and json.loads(out)["skipped_rows"] == 1
+
+
+def test_times_without_offset_are_read_as_utc_or_the_zone_given(tmp_path: Path) -> None:
+    path = tmp_path / "naive.csv"
+    rows = [f"2025-01-0{1 + h // 24}T{h % 24:02d}:00:00,{0.1 + 0.1 * (h % 3)}" for h in range(48)]
+    path.write_text("time,price_per_kwh\n" + "\n".join(rows) + "\n")
+    code, out, _ = run("--prices", str(path), *BATTERY, "--json")
+    assert code == 0
+    as_utc = json.loads(out)
+    assert as_utc["intervals"] == 48 and as_utc["first"] == "2025-01-01T00:00:00+00:00"
+    code, out, _ = run(
+        "--prices", str(path), *BATTERY, "--json", "--naive-time-zone", "Europe/Rome"
+    )  # fmt: skip
+    assert code == 0 and json.loads(out)["first"] == "2024-12-31T23:00:00+00:00"
