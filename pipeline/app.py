@@ -14,7 +14,7 @@ import mode
 
 from pipeline import kafka, topics
 from pipeline.settings import Settings
-from processors import arbitrage, prices
+from processors import allocation, arbitrage, fleet, island, prices
 from sinks.influx import InfluxSink
 
 
@@ -91,6 +91,11 @@ def create_app(settings: Settings, *, with_sinks: bool = False) -> faust.App:
     app = faust.App(settings.app_id, **faust_config(settings))
     prices.register(app, settings)
     arbitrage.register(app, settings)
+    # Site agents: only sites with the matching section get work; a bad section
+    # fails here, at start-up, naming the setting.
+    allocation.register(app, settings)
+    fleet.register(app, settings)
+    island.register(app, settings)
     if with_sinks:
         app.service(SinkService(InfluxSink(settings)))  # type: ignore[arg-type]
     return app

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
@@ -30,6 +30,8 @@ from pydantic_settings import (
 
 from pipeline.schemas import Identifier
 from pipeline.topics import TopicSpec
+
+M = TypeVar("M", bound=BaseModel)
 
 ENV_PREFIX = "WATTSTREAM_"
 CONFIG_ENV = "WATTSTREAM_CONFIG"
@@ -186,6 +188,17 @@ class SiteConfig(_Area):
     market: Identifier
     """The price market (bidding zone) whose prices apply to this site."""
     batteries: list[BatteryConfig] = Field(default_factory=list)
+    # The three sections below belong to processors (allocation, fleet, island), which
+    # own their models: pipeline never imports processors, so here they are plain
+    # tables, and each processor's ``register`` validates its own at start-up with a
+    # SettingsError naming the setting (``sites[turin-home].allocation.limits...``).
+    # A site without a section gets no work from that agent.
+    allocation: dict[str, Any] | None = None
+    """``[sites.allocation]``: see processors/allocation.py (AllocationSettings)."""
+    fleet: dict[str, Any] | None = None
+    """``[sites.fleet]``: see processors/fleet.py (FleetSettings)."""
+    island: dict[str, Any] | None = None
+    """``[sites.island]``: see processors/island.py (IslandSettings)."""
 
     @model_validator(mode="after")
     def _unique_devices(self) -> Self:
@@ -307,6 +320,31 @@ def _describe(error: ValidationError) -> str:
             got = ""
         lines.append(f"  {setting} (env {_env_name(loc)}): {message}{got}")
     return "invalid settings:\n" + "\n".join(lines)
+
+
+def setting_path(loc: tuple[int | str, ...], prefix: str = "") -> str:
+    """A validation error's location as a setting name: ``consumers[0].priority``."""
+    text = prefix
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(settings)"
+
+
+def validate_section(model: type[M], where: str, data: Any) -> M:
+    """Validate a plain settings section with its owner's model, at start-up.
+
+    ``where`` names the section, e.g. ``sites[turin-home].allocation``; the
+    :class:`SettingsError` names every bad setting under it.
+    """
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        lines = []
+        for item in error.errors():
+            got = item.get("input")
+            shown = "" if item["type"] == "missing" or isinstance(got, dict) else f"; got {got!r}"
+            lines.append(f"  {setting_path(tuple(item['loc']), where)}: {item['msg']}{shown}")
+        raise SettingsError("invalid settings:\n" + "\n".join(lines)) from None
 
 
 @contextmanager

@@ -66,17 +66,41 @@ stream, a backtest and the unit tests.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from enum import StrEnum
-from typing import Annotated, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.schemas import Allocation, AllocationPlan, Identifier, SourceFlow, stable_id
-from pipeline.settings import BatteryConfig
+from pipeline import codec, topics
+from pipeline.schemas import (
+    Allocation,
+    AllocationPlan,
+    BatteryReading,
+    EvReading,
+    Identifier,
+    PriceTick,
+    Reading,
+    SourceFlow,
+    stable_id,
+)
+from pipeline.settings import (
+    BatteryConfig,
+    Settings,
+    SettingsError,
+    SiteConfig,
+    validate_section,
+)
+
+if TYPE_CHECKING:
+    import faust
+
+log = logging.getLogger(__name__)
 
 Pct = Annotated[float, Field(ge=0.0, le=100.0)]
 NonNegativeKw = Annotated[float, Field(ge=0.0)]
@@ -695,3 +719,384 @@ def dispatch_series(
         if result.battery_soc_end_pct is not None:
             soc_pct = result.battery_soc_end_pct
     return out
+
+
+# --- the stream's adapter: telemetry of one price interval -> IntervalInputs --------------
+#
+# The agent plans each price interval once it is over, from what was measured in it
+# (a retrospective plan: "who should have got what"). Readings are folded into
+# 5-minute event-time buckets as they arrive; when the first reading at or after
+# an interval's end has arrived and the interval's price is known, the buckets
+# inside it become the interval's inputs:
+#
+# * solar_kw: mean power of each solar device over its readings, summed over devices;
+# * facility demand (the first ``facility`` consumer): ``load_from = "meter"`` (default)
+#   derives the site load as meter + solar + battery + generator - ev, the site's
+#   balance at the connection point; ``"home"`` takes the mean of ``home`` readings;
+# * fleet demand (the first ``fleet`` consumer): mean ``ev`` charging power (>= 0),
+#   and fleet_soc_pct the lowest state of charge of the vehicles plugged in at the end;
+# * battery_soc_pct: the first battery reading of the interval (the state at its start;
+#   mean over battery devices), else the last one seen before;
+# * tou_period: from ``tou_periods``, time-of-day windows in ``timezone``;
+# * price: the site's price tick; export at the fixed ``export_price_per_kwh``.
+#
+# Buckets are lossless for intervals that start on a 5-minute boundary (5, 15, 30 and
+# 60-minute markets all do). Readings arriving after their interval was planned are
+# counted as late and ignored; telemetry of a site arrives in event-time order on one
+# partition, so whatever order prices arrive in, the plans are the same.
+
+INTERVAL_BUCKET_MS = 5 * 60 * 1000
+# Prices and planned intervals older than this behind the newest reading are pruned.
+INTERVAL_HORIZON_MS = 48 * 3600 * 1000
+# Buckets wait this long for their price, as arbitrage's unpriced readings do: a replay
+# at full speed runs days ahead of the price fan-out, and plans must not depend on that.
+BUCKET_HORIZON_MS = 31 * 24 * 3600 * 1000
+
+
+class TouWindow(_Config):
+    """From ``start`` (local time of day) until the next window's start, this period applies."""
+
+    start: time
+    period: DispatchPeriod
+
+    @field_validator("period", mode="before")
+    @classmethod
+    def _alias(cls, value: object) -> object:
+        return period_from_name(value) if isinstance(value, str) else value
+
+
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r} (an IANA name like 'Europe/Rome')") from None
+
+
+class AllocationSettings(AllocationConfig):
+    """``[sites.allocation]``: :class:`AllocationConfig` (``site`` is the site's id) plus
+    how the stream turns telemetry into :class:`IntervalInputs`."""
+
+    tou_periods: list[TouWindow] = Field(
+        default_factory=lambda: [TouWindow(start=time(0), period=DispatchPeriod.SHOULDER)],
+        min_length=1,
+    )
+    """Time-of-use windows of a day; the default (all day shoulder) never moves the battery."""
+    timezone: str = "UTC"
+    """IANA zone of the ``tou_periods`` times (tariffs follow local time, DST included)."""
+    export_price_per_kwh: float = 0.0
+    """Feed-in price. [currency/kWh]"""
+    load_from: Literal["meter", "home"] = "meter"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        _zone(value)
+        return value
+
+    def tou_period_at(self, instant: datetime) -> DispatchPeriod:
+        """The period in force at ``instant`` (local time of day in ``timezone``)."""
+        local = instant.astimezone(_zone(self.timezone)).time().replace(tzinfo=None)
+        windows = sorted(self.tou_periods, key=lambda w: w.start)
+        current = windows[-1]  # before the first start of the day, yesterday's last goes on
+        for window in windows:
+            if window.start <= local:
+                current = window
+        return current.period
+
+    def consumer_of(self, kind: ConsumerKind) -> str | None:
+        return next((c.name for c in self.consumers if c.kind is kind), None)
+
+
+def allocation_settings(site: SiteConfig) -> AllocationSettings | None:
+    """Validate a site's ``allocation`` section (None without one); raises SettingsError."""
+    if site.allocation is None:
+        return None
+    where = f"sites[{site.id}].allocation"
+    data = {**site.allocation, "site": site.id}
+    if "battery" not in data and site.batteries:
+        if len(site.batteries) > 1:
+            raise SettingsError(
+                f"invalid settings:\n  {where}.battery: required when the site has several "
+                f"batteries ({[b.device for b in site.batteries]}); allocation sees one"
+            )
+        data["battery"] = StorageConfig.from_battery(site.batteries[0]).model_dump()
+    return validate_section(AllocationSettings, where, data)
+
+
+@dataclass
+class Bucket:
+    """Readings of one 5-minute event-time bucket, reduced to what an interval needs."""
+
+    power: dict[str, list[float]] = field(default_factory=dict)
+    """``kind/device`` -> [sum of power_kw, number of readings]."""
+    first_soc: dict[str, list[float]] = field(default_factory=dict)
+    """Battery device -> [ts_ms, soc_pct] of its earliest reading."""
+    ev: dict[str, list[Any]] = field(default_factory=dict)
+    """EV device -> [ts_ms, soc_pct or None, plugged_in] of its latest reading."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"p": self.power, "soc": self.first_soc, "ev": self.ev}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Bucket:
+        return cls(data["p"], data["soc"], data["ev"])
+
+    def add(self, reading: Reading, ts_ms: int) -> None:
+        key = f"{reading.kind}/{reading.device}"
+        power_kw = getattr(reading, "power_kw", None)
+        if power_kw is not None:
+            total = self.power.setdefault(key, [0.0, 0])
+            total[0] += float(power_kw)
+            total[1] += 1
+        if isinstance(reading, BatteryReading):
+            first = self.first_soc.get(reading.device)
+            if first is None or ts_ms < first[0]:
+                self.first_soc[reading.device] = [ts_ms, reading.soc_pct]
+        elif isinstance(reading, EvReading):
+            last = self.ev.get(reading.device)
+            if last is None or ts_ms >= last[0]:
+                self.ev[reading.device] = [ts_ms, reading.soc_pct, reading.plugged_in]
+
+
+def interval_inputs(
+    buckets: Iterable[Bucket],
+    start: datetime,
+    duration_h: float,
+    price_per_kwh: float,
+    cfg: AllocationSettings,
+    fallback_soc_pct: float | None = None,
+) -> IntervalInputs:
+    """The :class:`IntervalInputs` of one interval from its buckets (see the notes above)."""
+    sums: dict[str, list[float]] = {}
+    first_soc: dict[str, list[float]] = {}
+    ev: dict[str, list[Any]] = {}
+    for bucket in buckets:
+        for key, (total, count) in bucket.power.items():
+            merged = sums.setdefault(key, [0.0, 0])
+            merged[0] += total
+            merged[1] += count
+        for device, (ts_ms, soc) in bucket.first_soc.items():
+            if device not in first_soc or ts_ms < first_soc[device][0]:
+                first_soc[device] = [ts_ms, soc]
+        for device, last in bucket.ev.items():
+            if device not in ev or last[0] >= ev[device][0]:
+                ev[device] = last
+
+    def mean_kw(kind: str) -> float | None:
+        means = [t / n for key, (t, n) in sums.items() if key.startswith(f"{kind}/") and n]
+        return sum(means) if means else None
+
+    solar_kw = max(0.0, mean_kw("solar") or 0.0)
+    ev_kw = mean_kw("ev")
+    requests: dict[str, float] = {}
+    fleet = cfg.consumer_of(ConsumerKind.FLEET)
+    if fleet is not None and ev_kw is not None:
+        requests[fleet] = max(0.0, ev_kw)
+    facility = cfg.consumer_of(ConsumerKind.FACILITY)
+    if facility is not None:
+        if cfg.load_from == "home":
+            load_kw = mean_kw("home")
+        else:
+            meter_kw = mean_kw("meter")
+            load_kw = None
+            if meter_kw is not None:
+                load_kw = (
+                    meter_kw
+                    + solar_kw
+                    + (mean_kw("battery") or 0.0)
+                    + (mean_kw("generator") or 0.0)
+                    - max(0.0, ev_kw or 0.0)
+                )
+        if load_kw is not None:
+            requests[facility] = max(0.0, load_kw)
+    socs = [soc for _, soc in first_soc.values()]
+    battery_soc_pct = sum(socs) / len(socs) if socs else fallback_soc_pct
+    plugged_socs = [soc for _, soc, plugged in ev.values() if plugged and soc is not None]
+    return IntervalInputs(
+        start=start,
+        duration_h=duration_h,
+        solar_kw=solar_kw,
+        price_per_kwh=price_per_kwh,
+        export_price_per_kwh=cfg.export_price_per_kwh,
+        tou_period=cfg.tou_period_at(start),
+        battery_soc_pct=None if cfg.battery is None else battery_soc_pct,
+        fleet_soc_pct=min(plugged_socs) if plugged_socs else None,
+        requests_kw=requests,
+    )
+
+
+@dataclass
+class AllocationState:
+    """What the allocation of one site remembers between messages (a Faust table value)."""
+
+    intervals: list[list[Any]] = field(default_factory=list)
+    """Known price intervals [start_ms, end_ms, price_per_kwh], sorted by start."""
+    buckets: dict[int, Bucket] = field(default_factory=dict)
+    planned: list[int] = field(default_factory=list)
+    """Starts of the intervals already planned (within the horizon)."""
+    newest_ms: int | None = None
+    last_soc_pct: float | None = None
+    late: int = 0
+    """Readings that arrived after their interval was planned (ignored)."""
+    unplanned: int = 0
+    """Intervals that could not be planned (no battery state of charge, bad inputs)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "intervals": self.intervals,
+            "buckets": {str(k): b.to_json() for k, b in self.buckets.items()},
+            "planned": self.planned,
+            "newest": self.newest_ms,
+            "soc": self.last_soc_pct,
+            "late": self.late,
+            "unplanned": self.unplanned,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> AllocationState:
+        if not data:
+            return cls()
+        return cls(
+            intervals=[list(i) for i in data["intervals"]],
+            buckets={int(k): Bucket.from_json(b) for k, b in data["buckets"].items()},
+            planned=list(data["planned"]),
+            newest_ms=data["newest"],
+            last_soc_pct=data["soc"],
+            late=data["late"],
+            unplanned=data["unplanned"],
+        )
+
+
+class SiteAllocation:
+    """Plans each price interval of one site once it is over (plain Python, no Faust)."""
+
+    def __init__(self, cfg: AllocationSettings) -> None:
+        self.cfg = cfg
+
+    def on_readings(self, state: AllocationState, readings: Iterable[Reading]) -> list[Dispatch]:
+        planned = self._planned_intervals(state)
+        for reading in readings:
+            ts_ms = int(reading.ts.timestamp() * 1000)
+            bucket_ms = ts_ms - ts_ms % INTERVAL_BUCKET_MS
+            if bucket_ms not in state.buckets and any(s <= bucket_ms < e for s, e, _ in planned):
+                state.late += 1
+                continue
+            state.buckets.setdefault(bucket_ms, Bucket()).add(reading, ts_ms)
+            if isinstance(reading, BatteryReading):
+                state.last_soc_pct = reading.soc_pct
+            state.newest_ms = max(ts_ms, state.newest_ms or ts_ms)
+        return self._ready(state)
+
+    def on_price(
+        self, state: AllocationState, start: datetime, end: datetime, price: float
+    ) -> list[Dispatch]:
+        start_ms, end_ms = int(start.timestamp() * 1000), int(end.timestamp() * 1000)
+        state.intervals = [i for i in state.intervals if i[0] != start_ms]
+        state.intervals.append([start_ms, end_ms, price])
+        state.intervals.sort(key=lambda i: i[0])
+        return self._ready(state)
+
+    @staticmethod
+    def _planned_intervals(state: AllocationState) -> list[tuple[int, int, float]]:
+        planned = set(state.planned)
+        return [(s, e, p) for s, e, p in state.intervals if s in planned]
+
+    def _ready(self, state: AllocationState) -> list[Dispatch]:
+        out: list[Dispatch] = []
+        newest = state.newest_ms
+        if newest is None:
+            return out
+        for start_ms, end_ms, price in state.intervals:
+            if end_ms > newest or start_ms in state.planned:
+                continue
+            inside = sorted(k for k in state.buckets if start_ms <= k < end_ms)
+            if not inside:
+                continue  # nothing measured in it (yet): no plan
+            buckets = [state.buckets.pop(k) for k in inside]
+            state.planned.append(start_ms)
+            start = datetime.fromtimestamp(start_ms / 1000, tz=UTC)
+            try:
+                out.append(
+                    dispatch(
+                        interval_inputs(
+                            buckets,
+                            start,
+                            (end_ms - start_ms) / 3_600_000,
+                            price,
+                            self.cfg,
+                            state.last_soc_pct,
+                        ),
+                        self.cfg,
+                    )
+                )
+            except ValueError as error:  # e.g. a battery but never a state of charge
+                state.unplanned += 1
+                log.warning("site %s: interval %s not planned: %s", self.cfg.site, start, error)
+        self._prune(state)
+        return out
+
+    @staticmethod
+    def _prune(state: AllocationState) -> None:
+        assert state.newest_ms is not None
+        horizon = state.newest_ms - INTERVAL_HORIZON_MS
+        state.intervals = [i for i in state.intervals if i[1] >= horizon]
+        state.planned = [s for s in state.planned if s >= horizon]
+        oldest = state.newest_ms - BUCKET_HORIZON_MS
+        for k in [k for k in state.buckets if k < oldest]:
+            del state.buckets[k]
+
+
+# --- wiring -------------------------------------------------------------------------------
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    """Wire allocation to Kafka: telemetry + site prices in, allocation plans out.
+
+    Only sites with an ``allocation`` section get work; their sections are validated
+    here, at start-up. Undecodable telemetry is skipped silently: the arbitrage agent
+    consumes the same records and dead-letters them once.
+    """
+    from pipeline.streams import AGENT_SUPERVISOR, DeadLetters, decode_event, raw_topic
+
+    engines = {
+        site.id: SiteAllocation(cfg)
+        for site in settings.sites
+        if (cfg := allocation_settings(site)) is not None
+    }
+    telemetry_name = settings.topic(topics.TELEMETRY)
+    site_prices_name = settings.topic(topics.SITE_PRICES)
+    source = raw_topic(app, settings, topics.TELEMETRY, topics.SITE_PRICES)
+    plans_topic = raw_topic(app, settings, topics.ALLOCATIONS)
+    dlq = DeadLetters(app, settings, component=__name__)
+    table = app.Table(
+        f"{settings.app_id}-allocation-state",
+        default=None,
+        partitions=settings.partitions,
+        help="Per-site allocation state: known prices, readings of unplanned intervals.",
+    )
+
+    @app.agent(source, name=f"{__name__}.allocation", supervisor_strategy=AGENT_SUPERVISOR)
+    async def allocation(stream: Any) -> None:
+        async for event in stream.events():
+            message = event.message
+            site = (message.key or b"").decode("utf-8", "replace")
+            engine = engines.get(site)
+            if engine is None:
+                continue
+            if message.topic == telemetry_name:
+                batch, _ = codec.decode_telemetry(message.value)
+                if batch is None or batch.site != site:
+                    continue  # dead-lettered by the arbitrage agent
+                state = AllocationState.from_json(table.get(site))
+                results = engine.on_readings(state, batch.readings)
+            elif message.topic == site_prices_name:
+                tick = await decode_event(PriceTick, event, dlq)
+                if tick is None:
+                    continue
+                state = AllocationState.from_json(table.get(site))
+                results = engine.on_price(state, tick.start, tick.end, tick.price_per_kwh)
+            else:  # pragma: no cover - the channel only has the two topics
+                continue
+            table[site] = state.to_json()
+            for result in results:
+                await plans_topic.send(key=site.encode(), value=codec.encode(result.plan))

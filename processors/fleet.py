@@ -73,24 +73,31 @@ Everything here is plain Python (no Faust import).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Annotated, Literal, Self
+from datetime import UTC, datetime, time, timedelta
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import sparse
 from scipy.optimize import linprog
 
+from pipeline import codec, topics
 from pipeline.schemas import (
     Alert,
     Command,
+    EvReading,
     Identifier,
     Severity,
     UtcDatetime,
     stable_id,
 )
+from pipeline.settings import Settings, SiteConfig, validate_section
+
+if TYPE_CHECKING:
+    import faust
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
@@ -918,3 +925,259 @@ def infeasible_alerts(plan: FleetSchedule, site: str) -> list[Alert]:
             )
         )
     return alerts
+
+
+# --- the stream's adapter: configured vehicles + live ev readings -> sessions -------------
+#
+# A vehicle is configured once (``[[sites.fleet.vehicles]]``: capacity, target, charger
+# limit, typical departure as a local time of day); its ``ev`` readings (device =
+# ``vehicle_id``) say when it is plugged in and its state of charge. A session starts
+# at the first plugged-in reading and ends at the first unplugged one; its departure is
+# the next occurrence of the typical departure time after now (a car still plugged in
+# after it leaves tomorrow). The site is re-planned at most once per ``step_minutes``
+# of event time, at the first reading that finds the last plan a step old and some
+# vehicle plugged in; each plan sends the setpoints of its first step and a warning
+# per session that misses its target (once per session).
+
+
+class VehicleSettings(_Model):
+    """One vehicle of a site's fleet, as configured."""
+
+    vehicle_id: Identifier
+    """Also the ``device`` of its ev readings and of the commands to its charger."""
+    capacity_kwh: PositiveFloat
+    target_soc_pct: Pct
+    max_charge_kw: PositiveFloat
+    max_discharge_kw: NonNegativeFloat = 0.0
+    departure: time
+    """Typical departure, local time of day in the fleet's ``timezone``."""
+    trip_min_soc_pct: Pct | None = None
+    charge_efficiency: Fraction = 0.92
+    discharge_efficiency: Fraction = 0.92
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.trip_min_soc_pct is not None and self.trip_min_soc_pct > self.target_soc_pct:
+            raise ValueError(
+                f"vehicle {self.vehicle_id}: trip_min_soc_pct ({self.trip_min_soc_pct}) must "
+                f"not exceed target_soc_pct ({self.target_soc_pct})"
+            )
+        return self
+
+
+class FleetSettings(FleetSiteLimits):
+    """``[sites.fleet]``: :class:`FleetSiteLimits` (``site`` is the site's id) plus vehicles."""
+
+    vehicles: list[VehicleSettings] = Field(min_length=1)
+    timezone: str = "UTC"
+    """IANA zone of the vehicles' departure times."""
+    base_load_kw: NonNegativeFloat = 0.0
+    """Flat forecast of the site's load besides the chargers. [kW]"""
+    dry_run: bool = True
+
+    @model_validator(mode="after")
+    def _valid(self) -> Self:
+        ids = [v.vehicle_id for v in self.vehicles]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate vehicle_id {duplicates}")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown timezone {self.timezone!r} (IANA, e.g. 'Europe/Rome')"
+            ) from None
+        return self
+
+    def vehicle(self, vehicle_id: str) -> VehicleSettings | None:
+        return next((v for v in self.vehicles if v.vehicle_id == vehicle_id), None)
+
+
+def fleet_settings(site: SiteConfig) -> FleetSettings | None:
+    """Validate a site's ``fleet`` section (None without one); raises SettingsError."""
+    if site.fleet is None:
+        return None
+    return validate_section(
+        FleetSettings, f"sites[{site.id}].fleet", {**site.fleet, "site": site.id}
+    )
+
+
+def next_departure(now: datetime, departure: time, zone: str) -> datetime:
+    """The first occurrence of a local time of day strictly after ``now`` (UTC)."""
+    tz = ZoneInfo(zone)
+    local = now.astimezone(tz)
+    for days in range(3):  # DST gaps can skip one day's occurrence at most
+        day = local.date() + timedelta(days=days)
+        candidate = datetime.combine(day, departure, tzinfo=tz).astimezone(UTC)
+        if candidate > now:
+            return candidate
+    raise AssertionError("unreachable: a local time recurs within three days")
+
+
+@dataclass
+class FleetState:
+    """What the fleet agent of one site remembers (a Faust table value)."""
+
+    plugged_since: dict[str, str] = field(default_factory=dict)
+    """Vehicle -> start of its current session (ISO), for vehicles plugged in."""
+    soc_pct: dict[str, float] = field(default_factory=dict)
+    """Vehicle -> latest known state of charge."""
+    last_plan: str | None = None
+    """Event time of the last plan (ISO)."""
+    alerted: list[str] = field(default_factory=list)
+    """Ids of the target-unreachable alerts already sent (one per session)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "plugged": self.plugged_since,
+            "soc": self.soc_pct,
+            "last_plan": self.last_plan,
+            "alerted": self.alerted,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> FleetState:
+        if not data:
+            return cls()
+        return cls(
+            dict(data["plugged"]), dict(data["soc"]), data["last_plan"], list(data["alerted"])
+        )
+
+
+# Alert ids remembered per site: far more sessions than a depot has chargers.
+MAX_ALERTED = 256
+
+
+def sessions_at(cfg: FleetSettings, state: FleetState, now: datetime) -> list[EvSession]:
+    """The sessions of the vehicles plugged in at ``now`` whose state of charge is known."""
+    out: list[EvSession] = []
+    for vehicle_id, since in sorted(state.plugged_since.items()):
+        vehicle = cfg.vehicle(vehicle_id)
+        soc = state.soc_pct.get(vehicle_id)
+        if vehicle is None or soc is None:
+            continue
+        out.append(
+            EvSession(
+                vehicle_id=vehicle_id,
+                plugged_in_at=datetime.fromisoformat(since),
+                departure=next_departure(now, vehicle.departure, cfg.timezone),
+                capacity_kwh=vehicle.capacity_kwh,
+                soc_pct=soc,
+                target_soc_pct=vehicle.target_soc_pct,
+                max_charge_kw=vehicle.max_charge_kw,
+                max_discharge_kw=vehicle.max_discharge_kw,
+                charge_efficiency=vehicle.charge_efficiency,
+                discharge_efficiency=vehicle.discharge_efficiency,
+                trip_min_soc_pct=vehicle.trip_min_soc_pct,
+            )
+        )
+    return out
+
+
+class SiteFleet:
+    """Re-plans a site's charging from its ev readings (plain Python, no Faust)."""
+
+    def __init__(self, cfg: FleetSettings) -> None:
+        self.cfg = cfg
+
+    def on_readings(
+        self, state: FleetState, readings: Iterable[EvReading]
+    ) -> list[Command | Alert]:
+        by_ts: dict[datetime, list[EvReading]] = {}
+        for reading in readings:
+            if self.cfg.vehicle(reading.device) is not None:
+                by_ts.setdefault(reading.ts, []).append(reading)
+        out: list[Command | Alert] = []
+        step = timedelta(minutes=self.cfg.step_minutes)
+        for now in sorted(by_ts):
+            for reading in by_ts[now]:
+                if reading.soc_pct is not None:
+                    state.soc_pct[reading.device] = reading.soc_pct
+                if not reading.plugged_in:
+                    state.plugged_since.pop(reading.device, None)
+                else:
+                    state.plugged_since.setdefault(reading.device, now.isoformat())
+            last = None if state.last_plan is None else datetime.fromisoformat(state.last_plan)
+            if last is not None and now < last + step:
+                continue
+            out += self.plan(state, now)
+        return out
+
+    def plan(self, state: FleetState, now: datetime) -> list[Command | Alert]:
+        sessions = sessions_at(self.cfg, state, now)
+        if not sessions:
+            return []
+        state.last_plan = now.isoformat()
+        step = timedelta(minutes=self.cfg.step_minutes)
+        horizon_steps = self.cfg.horizon_steps
+        if horizon_steps is None:
+            last = max((s.departure - now) // step for s in sessions)
+            horizon_steps = max(1, min(MAX_STEPS, last))
+        plan = schedule(
+            sessions,
+            self.cfg.max_import_kw,
+            now,
+            self.cfg.step_minutes,
+            horizon_steps,
+            [self.cfg.base_load_kw] * horizon_steps,
+            self.cfg.peak_target_kw,
+            ev_budget_kw=self.cfg.ev_budget_kw,
+        )
+        out: list[Command | Alert] = list(
+            commands(plan, self.cfg.site, now, dry_run=self.cfg.dry_run)
+        )
+        for alert in infeasible_alerts(plan, self.cfg.site):
+            if alert.alert_id not in state.alerted:
+                state.alerted = [*state.alerted, alert.alert_id][-MAX_ALERTED:]
+                out.append(alert)
+        return out
+
+
+# --- wiring -------------------------------------------------------------------------------
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    """Wire fleet charging to Kafka: telemetry in, charger setpoints and alerts out.
+
+    Only sites with a ``fleet`` section get work; sections are validated here, at
+    start-up. Undecodable telemetry is skipped silently: the arbitrage agent consumes the
+    same records and dead-letters them once. Site prices share the channel and are ignored.
+    """
+    from pipeline.streams import AGENT_SUPERVISOR, raw_topic
+
+    engines = {
+        site.id: SiteFleet(cfg)
+        for site in settings.sites
+        if (cfg := fleet_settings(site)) is not None
+    }
+    telemetry_name = settings.topic(topics.TELEMETRY)
+    source = raw_topic(app, settings, topics.TELEMETRY, topics.SITE_PRICES)
+    commands_topic = raw_topic(app, settings, topics.COMMANDS)
+    alerts_topic = raw_topic(app, settings, topics.ALERTS)
+    table = app.Table(
+        f"{settings.app_id}-fleet-state",
+        default=None,
+        partitions=settings.partitions,
+        help="Per-site fleet state: plugged-in vehicles, states of charge, last plan.",
+    )
+
+    @app.agent(source, name=f"{__name__}.fleet", supervisor_strategy=AGENT_SUPERVISOR)
+    async def fleet(stream: Any) -> None:
+        async for event in stream.events():
+            message = event.message
+            site = (message.key or b"").decode("utf-8", "replace")
+            engine = engines.get(site)
+            if engine is None or message.topic != telemetry_name:
+                continue
+            batch, _ = codec.decode_telemetry(message.value)
+            if batch is None or batch.site != site:
+                continue  # dead-lettered by the arbitrage agent
+            readings = [r for r in batch.readings if isinstance(r, EvReading)]
+            if not readings:
+                continue
+            state = FleetState.from_json(table.get(site))
+            out = engine.on_readings(state, readings)
+            table[site] = state.to_json()
+            for item in out:
+                target = alerts_topic if isinstance(item, Alert) else commands_topic
+                await target.send(key=site.encode(), value=codec.encode(item))

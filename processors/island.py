@@ -43,23 +43,31 @@ Plain Python, no Faust import.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Self
+from typing import TYPE_CHECKING, Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipeline import codec, topics
 from pipeline.schemas import (
     Alert,
     AlertStatus,
     BatteryReading,
     Command,
     Identifier,
+    MeterReading,
+    Reading,
     Severity,
     stable_id,
 )
-from processors.allocation import ConsumerConfig, ConsumerKind
+from pipeline.settings import Settings, SiteConfig, validate_section
+from processors.allocation import ConsumerConfig, ConsumerKind, default_consumers
+
+if TYPE_CHECKING:
+    import faust
 
 Pct = Annotated[float, Field(ge=0.0, le=100.0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
@@ -622,3 +630,150 @@ class BatteryHealth:
             measured_round_trip_efficiency=self.measured_round_trip_efficiency,
             closed_cycles=self.closed_cycles,
         )
+
+
+# --- the stream's adapter: telemetry -> SiteObservation ----------------------------------
+#
+# Readings are taken in event-time order and grouped by timestamp; each group is one
+# observation. The grid comes from ``meter`` readings (voltage_v, frequency_hz) of the
+# grid-side meter (``meter_device``; None: every meter). The energy picture keeps the
+# latest power of every device: solar_kw is the sum of the solar devices, the battery
+# state of charge the mean of the batteries' latest, and the critical load either the
+# sum of the ``critical_load_devices`` (home/ev/... readings of critical circuits) or,
+# with none configured, the whole site load meter + solar + battery + generator (an
+# upper bound: what the site drew, critical or not).
+
+
+class IslandSettings(IslandConfig):
+    """``[sites.island]``: :class:`IslandConfig` (``site`` is the site's id) plus which
+    readings feed it. ``consumers`` default to the allocation section's (else the default
+    order); the battery limits default to the site's battery when it has exactly one."""
+
+    meter_device: Identifier | None = None
+    critical_load_devices: list[Identifier] = Field(default_factory=list)
+
+
+def island_settings(site: SiteConfig) -> IslandSettings | None:
+    """Validate a site's ``island`` section (None without one); raises SettingsError."""
+    if site.island is None:
+        return None
+    where = f"sites[{site.id}].island"
+    data = {**site.island, "site": site.id}
+    if "consumers" not in data:
+        consumers = (site.allocation or {}).get("consumers")
+        data["consumers"] = consumers if consumers is not None else default_consumers()
+    if len(site.batteries) == 1:
+        battery = site.batteries[0]
+        data.setdefault("battery_capacity_kwh", battery.capacity_kwh)
+        data.setdefault("battery_max_discharge_kw", battery.max_discharge_kw)
+        data.setdefault("battery_round_trip_efficiency", battery.round_trip_efficiency)
+    return validate_section(IslandSettings, where, data)
+
+
+def observations(
+    readings: Iterable[Reading], latest: dict[str, list[Any]], cfg: IslandSettings
+) -> list[SiteObservation]:
+    """One observation per distinct timestamp, in event-time order.
+
+    ``latest`` (device -> [kind, power_kw, soc_pct or None]) is the energy picture
+    carried between calls; it is updated in place.
+    """
+    by_ts: dict[datetime, list[Reading]] = {}
+    for reading in readings:
+        by_ts.setdefault(reading.ts, []).append(reading)
+    out: list[SiteObservation] = []
+    for ts in sorted(by_ts):
+        voltage_v: float | None = None
+        frequency_hz: float | None = None
+        for reading in by_ts[ts]:
+            power_kw = getattr(reading, "power_kw", None)
+            if power_kw is not None:
+                soc = reading.soc_pct if isinstance(reading, BatteryReading) else None
+                latest[reading.device] = [reading.kind, float(power_kw), soc]
+            if isinstance(reading, MeterReading) and cfg.meter_device in (None, reading.device):
+                if reading.voltage_v is not None:
+                    voltage_v = reading.voltage_v
+                if reading.frequency_hz is not None:
+                    frequency_hz = reading.frequency_hz
+
+        def total_kw(*kinds: str) -> float:
+            return sum(p for kind, p, _ in latest.values() if kind in kinds)
+
+        if cfg.critical_load_devices:
+            critical_kw = sum(latest[d][1] for d in cfg.critical_load_devices if d in latest)
+        else:
+            critical_kw = total_kw("meter", "solar", "battery", "generator")
+        socs = [soc for kind, _, soc in latest.values() if kind == "battery" and soc is not None]
+        out.append(
+            SiteObservation(
+                ts=ts,
+                grid_voltage_v=voltage_v,
+                grid_frequency_hz=frequency_hz,
+                critical_load_kw=max(0.0, critical_kw),
+                solar_kw=total_kw("solar"),
+                battery_soc_pct=sum(socs) / len(socs) if socs else None,
+            )
+        )
+    return out
+
+
+def step_readings(
+    controller: IslandController, data: dict[str, Any] | None, readings: Iterable[Reading]
+) -> tuple[dict[str, Any], list[Command | Alert]]:
+    """Feed a batch of a site's readings to its controller; return the new state (JSON) and
+    what to send."""
+    data = data or {}
+    state = IslandState.from_json(data.get("island"))
+    latest: dict[str, list[Any]] = dict(data.get("latest") or {})
+    cfg = controller.config
+    assert isinstance(cfg, IslandSettings)
+    out: list[Command | Alert] = []
+    for obs in observations(readings, latest, cfg):
+        out += controller.step(state, obs)
+    return {"island": state.to_json(), "latest": latest}, out
+
+
+# --- wiring -------------------------------------------------------------------------------
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    """Wire island mode to Kafka: telemetry in, commands and alerts out.
+
+    Only sites with an ``island`` section get work; sections are validated here, at
+    start-up. Undecodable telemetry is skipped silently: the arbitrage agent consumes the
+    same records and dead-letters them once. The channel also carries site prices (the
+    same co-partitioned source as the other site agents); island mode ignores them.
+    """
+    from pipeline.streams import AGENT_SUPERVISOR, raw_topic
+
+    controllers = {
+        site.id: IslandController(cfg)
+        for site in settings.sites
+        if (cfg := island_settings(site)) is not None
+    }
+    telemetry_name = settings.topic(topics.TELEMETRY)
+    source = raw_topic(app, settings, topics.TELEMETRY, topics.SITE_PRICES)
+    commands_topic = raw_topic(app, settings, topics.COMMANDS)
+    alerts_topic = raw_topic(app, settings, topics.ALERTS)
+    table = app.Table(
+        f"{settings.app_id}-island-state",
+        default=None,
+        partitions=settings.partitions,
+        help="Per-site island state: grid state, shed loads, running generators, latest powers.",
+    )
+
+    @app.agent(source, name=f"{__name__}.island", supervisor_strategy=AGENT_SUPERVISOR)
+    async def island(stream: Any) -> None:
+        async for event in stream.events():
+            message = event.message
+            site = (message.key or b"").decode("utf-8", "replace")
+            controller = controllers.get(site)
+            if controller is None or message.topic != telemetry_name:
+                continue
+            batch, _ = codec.decode_telemetry(message.value)
+            if batch is None or batch.site != site:
+                continue  # dead-lettered by the arbitrage agent
+            table[site], out = step_readings(controller, table.get(site), batch.readings)
+            for item in out:
+                target = alerts_topic if isinstance(item, Alert) else commands_topic
+                await target.send(key=site.encode(), value=codec.encode(item))

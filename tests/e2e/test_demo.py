@@ -39,7 +39,16 @@ def test_demo_runs_to_a_summary_with_every_action(tmp_path: Path) -> None:
     # The sink's own counters travel with every write; the rest are the data.
     lines = [line for line in all_lines if not line.startswith("wattstream_sink,")]
     assert 0 < len(all_lines) - len(lines) < 100
-    assert summary["points_written"] == len(lines) == 90_720 + 168 + 3 * 7 * 24
+    # Readings, prices, decisions and their dry-run commands (one each), and allocation
+    # plans: one per site per hour once the hour is over (the last hour of the week never
+    # is: no reading follows it), each a plan point plus one point per consumer (5).
+    allocation_points = 3 * (7 * 24 - 1) * (1 + 5)
+    assert (
+        summary["points_written"]
+        == len(lines)
+        == (90_720 + 168 + 2 * 3 * 7 * 24 + allocation_points)
+    )
+    assert sum(line.startswith("allocation_plan,") for line in lines) == 3 * (7 * 24 - 1)
     assert sum(line.startswith("decision,") for line in lines) == 3 * 7 * 24
 
     report = (tmp_path / "out" / "report.html").read_text()
