@@ -78,7 +78,6 @@ import logging
 import math
 import struct
 import threading
-import tomllib
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -87,9 +86,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from functools import cache
 from importlib import resources
-from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Any, Generic, Literal, Protocol, Self, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, Protocol, Self, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
@@ -104,6 +102,7 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
 from ingest import sunspec
+from ingest.config import TomlConfig, check_unique_devices
 from ingest.mqtt import join_network_thread
 from pipeline import codec, kafka, topics
 from pipeline.backoff import Backoff
@@ -383,13 +382,15 @@ def mqtt_address(url: str) -> tuple[str, int]:
 ControlDevice = Annotated[ModbusControl | MqttControl, Field(discriminator="transport")]
 
 
-class ControlConfig(BaseModel):
+class ControlConfig(TomlConfig):
     """Settings of the control connector; validated at construction, no network calls.
 
     >>> ControlConfig(devices=[{"transport": "modbus", "host": "10.0.0.7", "site": "s1",
     ...     "device": "bat-1", "model": 704, "point": "WSet",
     ...     "min_setpoint_kw": -5, "max_setpoint_kw": 5}])
     """
+
+    toml_table: ClassVar[str | None] = "control"
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
@@ -421,19 +422,8 @@ class ControlConfig(BaseModel):
     def _consistent(self) -> Self:
         if self.retry_max_s < self.retry_initial_s:
             raise ValueError("retry_max_s must be >= retry_initial_s")
-        seen: set[tuple[str, str]] = set()
-        for d in self.devices:
-            if (d.site, d.device) in seen:
-                raise ValueError(f"devices: {d.site}/{d.device} is configured twice")
-            seen.add((d.site, d.device))
+        check_unique_devices(self.devices)
         return self
-
-    @classmethod
-    def from_toml(cls, path: Path, table: str = "control") -> Self:
-        """Load ``[table]`` of a TOML file (``ingest/control.sample.toml`` shows every key)."""
-        with path.open("rb") as file:
-            data = tomllib.load(file)
-        return cls.model_validate(data.get(table, {}))
 
     def device(self, site: str, device: str) -> ModbusControl | MqttControl | None:
         return next((d for d in self.devices if (d.site, d.device) == (site, device)), None)

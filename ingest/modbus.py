@@ -56,14 +56,12 @@ import asyncio
 import contextlib
 import logging
 import random
-import tomllib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -72,6 +70,7 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
 from ingest import sunspec
+from ingest.config import TomlConfig, check_unique_devices
 from pipeline import codec, kafka, topics
 from pipeline.backoff import Backoff
 from pipeline.schemas import (
@@ -214,12 +213,14 @@ class ModbusDevice(BaseModel):
     """Flip the sign of power_kw, for a device that reports the opposite convention."""
 
 
-class ModbusConfig(BaseModel):
+class ModbusConfig(TomlConfig):
     """Settings of one Modbus connector; validated at construction, no network calls.
 
     >>> ModbusConfig(devices=[{"host": "10.0.0.5", "site": "turin-home",
     ...                        "device": "pv-1", "kind": "solar"}])
     """
+
+    toml_table: ClassVar[str | None] = "modbus"
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
@@ -244,19 +245,8 @@ class ModbusConfig(BaseModel):
     def _consistent(self) -> ModbusConfig:
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
-        seen: set[tuple[str, str]] = set()
-        for d in self.devices:
-            if (d.site, d.device) in seen:
-                raise ValueError(f"devices: {d.site}/{d.device} is configured twice")
-            seen.add((d.site, d.device))
+        check_unique_devices(self.devices)
         return self
-
-    @classmethod
-    def from_toml(cls, path: Path, table: str = "modbus") -> Self:
-        """Load ``[table]`` of a TOML file (``ingest/modbus.sample.toml`` shows every key)."""
-        with path.open("rb") as file:
-            data = tomllib.load(file)
-        return cls.model_validate(data.get(table, {}))
 
     @property
     def source(self) -> str:

@@ -75,14 +75,12 @@ import contextlib
 import importlib
 import logging
 import threading
-import tomllib
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 from urllib.parse import urlsplit
 
 import orjson
@@ -104,6 +102,7 @@ from pydantic import (
     model_validator,
 )
 
+from ingest.config import TomlConfig
 from pipeline import codec, kafka, topics
 from pipeline.schemas import (
     READING_ADAPTER,
@@ -250,11 +249,13 @@ class TopicPattern:
         return values
 
 
-class MqttConfig(BaseModel):
+class MqttConfig(TomlConfig):
     """Settings of one MQTT connector; validated at construction, no network calls.
 
     >>> MqttConfig(url="mqtt://127.0.0.1:1883", client_id="wattstream-ingest")
     """
+
+    toml_table: ClassVar[str | None] = "mqtt"
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
@@ -331,13 +332,6 @@ class MqttConfig(BaseModel):
         except ValueError:
             raise ValueError(f"url {self.url!r} has an invalid port") from None
         return parts.hostname, port
-
-    @classmethod
-    def from_toml(cls, path: Path, table: str = "mqtt") -> Self:
-        """Load ``[table]`` of a TOML file (``ingest/mqtt.sample.toml`` shows every key)."""
-        with path.open("rb") as file:
-            data = tomllib.load(file)
-        return cls.model_validate(data.get(table, {}))
 
     def patterns(self) -> tuple[TopicPattern, ...]:
         return tuple(TopicPattern.compile(text) for text in self.topics)

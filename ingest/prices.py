@@ -45,7 +45,6 @@ import io
 import itertools
 import logging
 import re
-import tomllib
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ import orjson
 from aiokafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ingest.config import TomlConfig
 from ingest.entsoe import DocumentError, NoDataError, parse_day_ahead
 from pipeline import codec, kafka, topics
 from pipeline.backoff import Backoff
@@ -456,7 +456,7 @@ def tou_ticks(
 # --- the connector -------------------------------------------------------------------------
 
 
-class FeedConfig(BaseModel):
+class FeedConfig(TomlConfig):
     """Where a feed reads and how it retries. Validated at construction, no network calls."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -489,13 +489,6 @@ class FeedConfig(BaseModel):
         if self.reconnect_initial_s > self.reconnect_max_s:
             raise ValueError("reconnect_initial_s must not exceed reconnect_max_s")
         return self
-
-    @classmethod
-    def from_toml(cls, path: Path, table: str) -> Self:
-        """Load ``[table]`` of a TOML file (the ``*.sample.toml`` beside each connector)."""
-        with path.open("rb") as file:
-            data = tomllib.load(file)
-        return cls.model_validate(data.get(table, {}))
 
 
 class PriceFeedConfig(FeedConfig):
