@@ -7,7 +7,7 @@ apps as it likes with different settings.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import faust
 import mode
@@ -16,6 +16,7 @@ from pipeline import kafka, topics
 from pipeline.settings import Settings
 from processors import allocation, arbitrage, fleet, island, prices
 from sinks.influx import InfluxSink
+from sinks.webhook import WebhookSink
 
 
 def faust_config(settings: Settings) -> dict[str, Any]:
@@ -68,10 +69,16 @@ def agent_input_topics(settings: Settings) -> list[str]:
     return [settings.topic(spec) for spec in (topics.TELEMETRY, topics.SITE_PRICES, topics.PRICES)]
 
 
+class Sink(Protocol):
+    async def start(self) -> None: ...
+    async def run(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
 class SinkService(mode.Service):
     """Runs a sink beside the agents of a worker, and stops it (final flush) with the worker."""
 
-    def __init__(self, sink: InfluxSink, **kwargs: Any) -> None:
+    def __init__(self, sink: Sink, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.sink = sink
 
@@ -98,4 +105,6 @@ def create_app(settings: Settings, *, with_sinks: bool = False) -> faust.App:
     island.register(app, settings)
     if with_sinks:
         app.service(SinkService(InfluxSink(settings)))  # type: ignore[arg-type]
+        if settings.webhook.url is not None:
+            app.service(SinkService(WebhookSink(settings)))  # type: ignore[arg-type]
     return app

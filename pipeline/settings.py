@@ -209,6 +209,38 @@ class SiteConfig(_Area):
         return self
 
 
+class WebhookSettings(_Area):
+    """Alert webhooks (``WATTSTREAM_WEBHOOK_*``). With no ``url``, no webhook is sent."""
+
+    url: str | None = None
+    secret: SecretStr | None = None
+    """HMAC-SHA256 key of the signature header; required with a URL."""
+    min_severity: Literal["info", "warning", "critical"] = "warning"
+    cooldown_s: Annotated[float, Field(ge=0.0)] = 300.0
+    """A new alert of the same type on the same device within this time is not sent
+    (its resolution is); 0 sends every one."""
+    timeout_s: PositiveFloat = 10.0
+    retry_initial_s: PositiveFloat = 1.0
+    retry_max_s: PositiveFloat = 60.0
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 8
+    """Attempts before a delivery is given up and dead-lettered."""
+    queue_size: Annotated[int, Field(ge=1, le=100_000)] = 100
+    """Alerts read ahead of delivery at most; the rest waits in Kafka."""
+    template: Literal["json", "slack"] = "json"
+    """``json``: the alert as it is on the topic; ``slack``: ``{"text": ...}`` for chat."""
+
+    @model_validator(mode="after")
+    def _signed(self) -> Self:
+        if self.url is not None:
+            if not self.url.startswith(("http://", "https://")):
+                raise ValueError(
+                    f"webhook.url must start with http:// or https://, got {self.url!r}"
+                )
+            if self.secret is None or not self.secret.get_secret_value():
+                raise ValueError("webhook.url needs webhook.secret (WATTSTREAM_WEBHOOK_SECRET)")
+        return self
+
+
 class ReplaySettings(_Area):
     """Replay connector (``WATTSTREAM_REPLAY_*``)."""
 
@@ -250,6 +282,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     influx: InfluxSettings = InfluxSettings()
     replay: ReplaySettings = ReplaySettings()
+    webhook: WebhookSettings = WebhookSettings()
     sites: list[SiteConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
