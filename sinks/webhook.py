@@ -32,6 +32,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -177,7 +178,9 @@ class WebhookSink:
         await self._producer.start()
         self._consumer = kafka.consumer(self.settings, self.topic, group_id=self.group_id)
         await self._consumer.start()
-        log.info("webhook sink: group %s, %s -> %s", self.group_id, self.topic, self.url)
+        # Only the host: a webhook URL often carries its secret in the path (Slack's do).
+        host = urlsplit(self.url).netloc.rsplit("@", 1)[-1]
+        log.info("webhook sink: group %s, %s -> %s", self.group_id, self.topic, host)
 
     async def run(self) -> None:
         """Deliver until :meth:`stop`; what is not finished stays uncommitted."""

@@ -105,6 +105,27 @@ async def test_signed_posts_one_per_event_verified_by_the_receiver(
     assert sink.stats.sent == 3 and sink.stats.suppressed == 1
 
 
+async def test_the_url_path_never_reaches_the_log(
+    kafka_broker: EmbeddedBroker,
+    make_settings: SettingsFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def receiver(request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    async with http_server(receiver) as url:
+        secret_url = f"{url}/services/T000/B000/XXXXSECRETXXXX"
+        settings = await settings_for(make_settings, kafka_broker, secret_url)
+        await produce(settings, [alert("a-1")])
+        sink = WebhookSink(settings)
+        with caplog.at_level("DEBUG", logger="sinks.webhook"):
+            async with running(sink):
+                await eventually(lambda: committed(settings, sink))
+    assert sink.stats.sent == 1
+    assert "XXXXSECRETXXXX" not in caplog.text and SECRET not in caplog.text
+    assert "127.0.0.1" in caplog.text
+
+
 async def test_a_receiver_failing_for_a_while_gets_it_in_the_end(
     kafka_broker: EmbeddedBroker, make_settings: SettingsFactory
 ) -> None:
