@@ -104,6 +104,7 @@ from pymodbus.exceptions import ModbusException
 from ingest import sunspec
 from ingest.config import TomlConfig, check_unique_devices
 from ingest.mqtt import join_network_thread
+from ingest.running import gather_until_stopped
 from pipeline import codec, kafka, topics
 from pipeline.backoff import Backoff
 from pipeline.schemas import Command, Identifier, dead_letter
@@ -1140,17 +1141,7 @@ class ControlConnector:
             for key, state in self._devices.items()
         ]
         self._tasks.append(asyncio.create_task(self._consume(), name="control-consumer"))
-        try:
-            await asyncio.gather(*self._tasks)
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            # stop() cancelled our children: a normal end. Our own cancellation propagates.
-            if not self._stop_requested.is_set() or (current and current.cancelling()):
-                raise
-        finally:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await gather_until_stopped(self._tasks, self._stop_requested)
 
     async def stop(self) -> None:
         """Stop handling, commit what is audited, close every connection; safe twice.

@@ -71,6 +71,7 @@ from pymodbus.exceptions import ModbusException
 
 from ingest import sunspec
 from ingest.config import TomlConfig, check_unique_devices
+from ingest.running import gather_until_stopped
 from pipeline import codec, kafka, topics
 from pipeline.backoff import Backoff
 from pipeline.schemas import (
@@ -355,17 +356,7 @@ class ModbusConnector:
             for state in self._devices
         ]
         self._tasks.append(asyncio.create_task(self._flusher(), name="modbus-flusher"))
-        try:
-            await asyncio.gather(*self._tasks)
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            # stop() cancelled our children: a normal end. Our own cancellation propagates.
-            if not self._stop_requested.is_set() or (current and current.cancelling()):
-                raise
-        finally:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await gather_until_stopped(self._tasks, self._stop_requested)
 
     async def stop(self) -> None:
         """Stop polling, produce what is pending, close connections; safe to call twice."""
