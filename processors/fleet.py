@@ -1141,7 +1141,7 @@ def register(app: faust.App, settings: Settings) -> None:
 
     Only sites with a ``fleet`` section get work; sections are validated here, at
     start-up. Undecodable telemetry is skipped silently: the arbitrage agent consumes the
-    same records and dead-letters them once. Site prices share the channel and are ignored.
+    same records and dead-letters them once.
     """
     from pipeline.streams import AGENT_SUPERVISOR, raw_topic
 
@@ -1150,8 +1150,8 @@ def register(app: faust.App, settings: Settings) -> None:
         for site in settings.sites
         if (cfg := fleet_settings(site)) is not None
     }
-    telemetry_name = settings.topic(topics.TELEMETRY)
-    source = raw_topic(app, settings, topics.TELEMETRY, topics.SITE_PRICES)
+    # Telemetry only: these agents do not use prices, so they do not read them.
+    source = raw_topic(app, settings, topics.TELEMETRY)
     commands_topic = raw_topic(app, settings, topics.COMMANDS)
     alerts_topic = raw_topic(app, settings, topics.ALERTS)
     table = app.Table(
@@ -1167,7 +1167,7 @@ def register(app: faust.App, settings: Settings) -> None:
             message = event.message
             site = (message.key or b"").decode("utf-8", "replace")
             engine = engines.get(site)
-            if engine is None or message.topic != telemetry_name:
+            if engine is None:
                 continue
             batch, _ = codec.decode_telemetry(message.value)
             if batch is None or batch.site != site:

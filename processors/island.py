@@ -741,8 +741,7 @@ def register(app: faust.App, settings: Settings) -> None:
 
     Only sites with an ``island`` section get work; sections are validated here, at
     start-up. Undecodable telemetry is skipped silently: the arbitrage agent consumes the
-    same records and dead-letters them once. The channel also carries site prices (the
-    same co-partitioned source as the other site agents); island mode ignores them.
+    same records and dead-letters them once.
     """
     from pipeline.streams import AGENT_SUPERVISOR, raw_topic
 
@@ -751,8 +750,8 @@ def register(app: faust.App, settings: Settings) -> None:
         for site in settings.sites
         if (cfg := island_settings(site)) is not None
     }
-    telemetry_name = settings.topic(topics.TELEMETRY)
-    source = raw_topic(app, settings, topics.TELEMETRY, topics.SITE_PRICES)
+    # Telemetry only: these agents do not use prices, so they do not read them.
+    source = raw_topic(app, settings, topics.TELEMETRY)
     commands_topic = raw_topic(app, settings, topics.COMMANDS)
     alerts_topic = raw_topic(app, settings, topics.ALERTS)
     table = app.Table(
@@ -768,7 +767,7 @@ def register(app: faust.App, settings: Settings) -> None:
             message = event.message
             site = (message.key or b"").decode("utf-8", "replace")
             controller = controllers.get(site)
-            if controller is None or message.topic != telemetry_name:
+            if controller is None:
                 continue
             batch, _ = codec.decode_telemetry(message.value)
             if batch is None or batch.site != site:
