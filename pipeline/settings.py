@@ -188,7 +188,7 @@ class SiteConfig(_Area):
     market: Identifier
     """The price market (bidding zone) whose prices apply to this site."""
     batteries: list[BatteryConfig] = Field(default_factory=list)
-    # The three sections below belong to processors (allocation, fleet, island), which
+    # The sections below belong to processors (allocation, fleet, island, detectors), which
     # own their models: pipeline never imports processors, so here they are plain
     # tables, and each processor's ``register`` validates its own at start-up with a
     # SettingsError naming the setting (``sites[turin-home].allocation.limits...``).
@@ -199,6 +199,15 @@ class SiteConfig(_Area):
     """``[sites.fleet]``: see processors/fleet.py (FleetSettings)."""
     island: dict[str, Any] | None = None
     """``[sites.island]``: see processors/island.py (IslandSettings)."""
+    detection: dict[str, Any] | None = None
+    """``[sites.detection]``: see processors/anomaly.py (DetectionSettings). Unlike the
+    other sections, anomaly detection runs on every site; this only changes its settings."""
+    solar: dict[str, Any] | None = None
+    """``[sites.solar]``: see processors/solar.py (SolarSettings): the PV arrays' specification."""
+    curtailment: dict[str, Any] | None = None
+    """``[sites.curtailment]``: see processors/curtailment.py (CurtailmentSettings)."""
+    fusion: dict[str, Any] | None = None
+    """``[sites.fusion]``: see processors/scram.py (ScramSettings)."""
 
     @model_validator(mode="after")
     def _unique_devices(self) -> Self:
