@@ -20,6 +20,7 @@ import click
 from pipeline import schemas, topics
 from pipeline.cli_backtest import backtest
 from pipeline.cli_dashboards import dashboards_group
+from pipeline.cli_detectors import evaluate_detectors
 from pipeline.cli_ingest import ingest_group
 from pipeline.settings import Settings, SettingsError, load_settings
 
@@ -731,6 +732,7 @@ main.add_command(schemas_group, name="schemas")
 main.add_command(ingest_group)
 main.add_command(dashboards_group)
 main.add_command(backtest)
+main.add_command(evaluate_detectors)
 
 
 @schemas_group.command("export")

@@ -1,0 +1,617 @@
+"""Statistical anomalies in a device's power: spikes, drops, level shifts, stuck sensors,
+and high consumption.
+
+One :class:`SignalDetector` per device reads its power readings in time order
+and learns, from the past only, three robust baselines:
+
+* **Local level**: the median of the last ``LOCAL_READINGS`` normal readings,
+  and the distribution of each reading's residual from it (a rolling sample of
+  ``RESIDUAL_SAMPLE`` residuals). Its upper and lower thresholds are
+  *tail-scaled*: ``q50 + tail_factor * (q99 - q50)`` and
+  ``q50 - tail_factor * (q50 - q01)``. For Gaussian noise ``q99 - q50`` is
+  2.33 sigma, so a factor of 3 puts a threshold at 7 sigma; for a household's
+  heavy-tailed load (kettles, ovens) the same factor puts it beyond the
+  appliance jumps that device shows every day. The threshold adapts to each
+  device's own noise: no number in kW is tuned to a dataset.
+* **Time-of-week profile**: the hourly mean power per local hour and day type
+  (weekday or weekend/holiday: the time of week that matters for energy use,
+  learnable in days rather than the months 168 hour-of-week slots need), over
+  the last ``profile_days`` days of that type. The expected value is the
+  median of those hourly means, the spread their MAD (scaled to sigma), never
+  below a floor set by the reading noise.
+* **Run lengths**: how long the device's value naturally stays exactly the
+  same (quantised meters repeat values at night), so a stuck sensor is one
+  that repeats for clearly longer than this device ever does.
+
+Rules (``label`` is the alert type, and the label `wattstream detect` scores):
+
+* ``spike``: a reading above the local level by more than the upper threshold
+  that returns below half of it within ``spike_max_readings``. Raised when it
+  returns (one reading late) with start and end; a rise that does not return
+  is not a spike (the profile rule judges it).
+* ``drop``: a reading below the lower threshold of the local level, or below
+  half the device's lowest normal level (its 0.5 % quantile, for devices that
+  never go negative), or below a quarter of the profile's expectation and out
+  of its band. Raised at once; resolved when readings are back.
+* ``level_shift``: the median of the last ``SHIFT_READINGS`` readings is more
+  than ``shift_spreads`` profile spreads from the expectation (a sustained
+  step, or a drift once it has moved that far). A median of 5 is immune to
+  spikes of up to 2 readings. Resolved when the median is back within half.
+* ``stuck``: the same non-zero value for at least ``max(stuck_min_readings, 1 +
+  2 x the longest natural run seen)`` readings. Zero is not "stuck": PV at night
+  and an idle load are legitimately zero, and a fall to zero is a drop. Starts
+  at the first repeated reading.
+* ``high_consumption`` (consumption devices only): the mean of the last hour
+  above the profile's expectation by ``high_consumption_spreads`` spreads and
+  by half of it at least.
+
+Readings that are part of a spike, drop or stuck incident do not teach the
+baselines (a fault must not become the normal); level shifts do teach the
+profile, so a lasting change becomes the new normal after days, as it should.
+Detection starts once a device has ``warmup_h`` hours of history; the profile
+rules also need ``min_history_days`` days of that day type (or of any type).
+
+Plain Python (no Faust import): the stream and ``wattstream detect`` run this.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.schemas import Alert, Severity
+from processors.alerting import firing, resolved
+from processors.baselines import LocalClock, RollingSample, mad_spread, median, zone
+
+Label = Literal["spike", "drop", "level_shift", "stuck", "high_consumption", "vampire"]
+LABELS: tuple[str, ...] = (
+    "spike",
+    "drop",
+    "level_shift",
+    "stuck",
+    "vampire",
+    "solar_underperformance",
+    "high_consumption",
+)
+"""Every label a detector raises as an alert type (and `wattstream detect` scores)."""
+
+CONSUMPTION_KINDS = frozenset({"home", "meter"})
+LOCAL_READINGS = 12
+"""Readings in the local level's median: long enough to ignore a 3-reading spike. [-]"""
+RESIDUAL_SAMPLE = 2000
+"""Residuals kept per device: a week at 5-minute steps, a day and a half at 1 minute. [-]"""
+LEVEL_SAMPLE = 2000
+SHIFT_READINGS = 5
+RUN_SAMPLE = 200
+"""Completed natural runs of repeated values remembered per device. [-]"""
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class IdleWindow(BaseModel):
+    """A daily stretch of local time when a site should draw only its standby load."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    start: time
+    end: time
+    """May be before ``start``: the window runs over midnight (22:00 to 06:00)."""
+    days: list[Weekday] = Field(default_factory=lambda: list(WEEKDAYS))  # type: ignore[arg-type]
+    """The days the window starts on."""
+
+    def contains(self, minute_of_day: float, weekday: int) -> bool:
+        start_min = self.start.hour * 60 + self.start.minute
+        end_min = self.end.hour * 60 + self.end.minute
+        if start_min <= end_min:
+            return WEEKDAYS[weekday] in self.days and start_min <= minute_of_day < end_min
+        if minute_of_day >= start_min:
+            return WEEKDAYS[weekday] in self.days
+        # After midnight: the window started on the day before.
+        return minute_of_day < end_min and WEEKDAYS[(weekday - 1) % 7] in self.days
+
+
+class DetectionSettings(BaseModel):
+    """``[sites.detection]``: anomaly, vampire-load and high-consumption detection.
+
+    Runs on every site with these defaults; the section only changes them.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    timezone: str = "UTC"
+    """IANA zone of the profile's hours, the idle windows and the holidays."""
+    kinds: list[Literal["home", "meter", "solar"]] = Field(
+        default_factory=lambda: ["home", "meter", "solar"]  # type: ignore[arg-type]
+    )
+    """Device kinds watched for anomalies. Batteries, EVs and generators follow commands,
+    so a constant or sudden power is their normal."""
+    tail_factor: PositiveFloat = 1.5
+    """Spike/drop thresholds: this many times the residuals' 0.1 %-99.9 % tail beyond the
+    median (the largest jumps the device makes in normal use, with a margin)."""
+    shift_spreads: PositiveFloat = 4.0
+    """Level shift: the recent median this many profile spreads from the expectation."""
+    high_consumption_spreads: PositiveFloat = 6.0
+    spike_max_readings: Annotated[int, Field(ge=1, le=20)] = 3
+    stuck_min_readings: Annotated[int, Field(ge=2, le=10_000)] = 3
+    warmup_h: Annotated[float, Field(ge=0)] = 24.0
+    """No alert before a device has this much history. [h]"""
+    min_history_days: Annotated[int, Field(ge=1, le=60)] = 3
+    profile_days: Annotated[int, Field(ge=1, le=366)] = 28
+    """Days of history per hour slot of the time-of-week profile."""
+    idle: list[IdleWindow] = Field(default_factory=lambda: [IdleWindow(start=time(1), end=time(5))])
+    """When the site should be idle (nights, weekends): where vampire loads show."""
+    idle_days: list[Weekday] = Field(default_factory=list)
+    """Whole days that are idle (``["sat", "sun"]`` for an office)."""
+    holidays: list[date] = Field(default_factory=list)
+    """Whole idle days (local dates), also treated as weekend days by the profile."""
+    vampire_min_duration_min: PositiveFloat = 10.0
+    """A vampire load must last this long inside an idle window. [min]"""
+    vampire_margin_kw: Annotated[float, Field(ge=0)] = 0.02
+    """Smallest excess over the idle baseline that counts, whatever the spread. [kW]"""
+    vampire_margin_pct: Annotated[float, Field(ge=0)] = 20.0
+    """...and at least this share of the idle baseline. [%]"""
+    price_per_kwh: Annotated[float, Field(ge=0)] = 0.25
+    """What wasted energy costs, for the vampire alert's estimate. [currency/kWh]"""
+    currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        zone(value)
+        return value
+
+
+@dataclass
+class _Incident:
+    alert: Alert
+    """The firing event."""
+    extreme: float
+    """The reading furthest from normal so far. [kW]"""
+
+
+@dataclass
+class _PendingSpike:
+    start_s: float
+    peak_kw: float
+    level_kw: float
+    readings: int
+
+
+@dataclass
+class _HourAccumulator:
+    key: tuple[date, int] | None = None
+    sum_kw: float = 0.0
+    count: int = 0
+    day_type: int = 0
+
+
+@dataclass
+class _Profile:
+    """Hourly means per (day type, local hour), and their cached median and spread."""
+
+    days: int
+    slots: dict[tuple[int, int], deque[float]] = field(default_factory=dict)
+    stats: dict[tuple[int, int], tuple[float, float, int]] = field(default_factory=dict)
+
+    def add(self, day_type: int, hour: int, mean_kw: float) -> None:
+        key = (day_type, hour)
+        history = self.slots.setdefault(key, deque(maxlen=self.days))
+        history.append(mean_kw)
+        self.stats[key] = (median(history), mad_spread(history), len(history))
+        both = [*self.slots.get((0, hour), ()), *self.slots.get((1, hour), ())]
+        self.stats[(2, hour)] = (median(both), mad_spread(both), len(both))
+
+    def expected(self, day_type: int, hour: int, min_days: int) -> tuple[float, float] | None:
+        """(median, spread) of the slot, falling back to the hour over all days."""
+        for key in ((day_type, hour), (2, hour)):
+            stats = self.stats.get(key)
+            if stats is not None and stats[2] >= min_days:
+                return stats[0], stats[1]
+        return None
+
+
+def _ts(at: datetime) -> str:
+    return at.isoformat()
+
+
+class SignalDetector:
+    """Anomalies of one device's power. Feed readings in time order with :meth:`observe`."""
+
+    def __init__(
+        self, site: str, device: str, kind: str, settings: DetectionSettings | None = None
+    ) -> None:
+        self.site = site
+        self.device = device
+        self.kind = kind
+        self.settings = settings or DetectionSettings()
+        self.clock = LocalClock(self.settings.timezone)
+        self._holidays = set(self.settings.holidays)
+        self.first_s: float | None = None
+        self.last_s: float | None = None
+        self.recent: deque[float] = deque(maxlen=LOCAL_READINGS)
+        self.residuals = RollingSample(RESIDUAL_SAMPLE)
+        self.levels = RollingSample(LEVEL_SAMPLE)
+        self.diffs = RollingSample(RESIDUAL_SAMPLE)
+        self.profile = _Profile(self.settings.profile_days)
+        self.hour = _HourAccumulator()
+        self.window: deque[float] = deque(maxlen=SHIFT_READINGS)
+        self.window_ts: deque[float] = deque(maxlen=SHIFT_READINGS)
+        self.hour_window: deque[tuple[float, float]] = deque()
+        self.hour_sum_kw = 0.0
+        self.pending: _PendingSpike | None = None
+        self.dip: _PendingSpike | None = None
+        self.run_value: float | None = None
+        self.run_length = 0
+        self.run_start_s = 0.0
+        self.natural_runs = RollingSample(RUN_SAMPLE, refresh=1)
+        self.open: dict[str, _Incident] = {}
+
+    # --- thresholds -----------------------------------------------------------------
+
+    def warmed_up(self, ts_s: float) -> bool:
+        return (
+            self.first_s is not None
+            and ts_s - self.first_s >= self.settings.warmup_h * 3600.0
+            and len(self.residuals) >= 50
+        )
+
+    def noise_kw(self) -> float:
+        """Typical change between consecutive normal readings. [kW]"""
+        return self.diffs.quantile(0.5) if len(self.diffs) else 0.0
+
+    def residual_bounds(self) -> tuple[float, float]:
+        tail = self.settings.tail_factor
+        q01, q50, q99 = (self.residuals.quantile(q) for q in (0.001, 0.5, 0.999))
+        # A floor of a few reading-noise steps: a device that never moved would otherwise
+        # flag its first quantisation step.
+        floor = max(4.0 * self.noise_kw(), 1e-3)
+        return q50 - max(tail * (q50 - q01), floor), q50 + max(tail * (q99 - q50), floor)
+
+    def day_type(self, ts_s: float) -> int:
+        weekday = self.clock.weekday(ts_s)
+        holiday = self.clock.day(ts_s) in self._holidays
+        return 1 if weekday >= 5 or holiday else 0
+
+    def expectation(self, ts_s: float) -> tuple[float, float] | None:
+        """The profile's (expected power, spread) at ``ts_s``, if learned. [kW]"""
+        found = self.profile.expected(
+            self.day_type(ts_s), self.clock.hour(ts_s), self.settings.min_history_days
+        )
+        if found is None:
+            return None
+        expected_kw, spread_kw = found
+        floor_kw = max(0.05 * abs(expected_kw), 2.0 * self.noise_kw(), 1e-3)
+        return expected_kw, max(spread_kw, floor_kw)
+
+    # --- the stream -------------------------------------------------------------------
+
+    def observe(self, at: datetime, power_kw: float) -> list[Alert]:
+        """Take one reading; the alerts it starts or ends."""
+        ts_s = at.timestamp()
+        if self.last_s is not None and ts_s <= self.last_s:
+            return []  # a duplicate or late reading: the baselines only move forward
+        if self.first_s is None:
+            self.first_s = ts_s
+        self.last_s = ts_s
+        out: list[Alert] = []
+        ready = self.warmed_up(ts_s)
+        level_kw = median(self.recent) if self.recent else power_kw
+        residual_kw = power_kw - level_kw
+        expectation = self.expectation(ts_s) if ready else None
+
+        self.window.append(power_kw)
+        self.window_ts.append(ts_s)
+        faulty = self._stuck(at, ts_s, power_kw, ready, out)
+        faulty = self._spike(at, ts_s, power_kw, level_kw, residual_kw, ready, out) or faulty
+        faulty = (
+            self._drop(at, ts_s, power_kw, level_kw, residual_kw, expectation, ready, out) or faulty
+        )
+        self._level_shift(at, ts_s, power_kw, expectation, out)
+        if self.kind in CONSUMPTION_KINDS:
+            self._high_consumption(at, ts_s, power_kw, expectation, out)
+
+        if not faulty:
+            self._learn(ts_s, power_kw, residual_kw)
+        return out
+
+    def _learn(self, ts_s: float, power_kw: float, residual_kw: float) -> None:
+        if self.recent:
+            self.diffs.add(abs(power_kw - self.recent[-1]))
+        self.recent.append(power_kw)
+        self.residuals.add(residual_kw)
+        self.levels.add(power_kw)
+        hour_key = (self.clock.day(ts_s), self.clock.hour(ts_s))
+        if hour_key != self.hour.key:
+            if self.hour.key is not None and self.hour.count:
+                self.profile.add(
+                    self.hour.day_type, self.hour.key[1], self.hour.sum_kw / self.hour.count
+                )
+            self.hour = _HourAccumulator(hour_key, 0.0, 0, self.day_type(ts_s))
+        self.hour.sum_kw += power_kw
+        self.hour.count += 1
+
+    # --- rules ------------------------------------------------------------------------
+
+    def _fire(
+        self,
+        label: str,
+        start: datetime,
+        detected: datetime,
+        observed: float,
+        expected: float | None,
+        message: str,
+        out: list[Alert],
+        **details: float | str | bool,
+    ) -> Alert:
+        alert = firing(
+            site=self.site,
+            device=self.device,
+            alert_type=label,
+            severity=Severity.WARNING,
+            subject=f"{self.device}: {label.replace('_', ' ')}",
+            message=message,
+            start=start,
+            observed=round(observed, 6),
+            expected=None if expected is None else round(expected, 6),
+            details={"detected_at": _ts(detected), "kind": self.kind, **details},
+        )
+        out.append(alert)
+        return alert
+
+    def _resolve(self, label: str, end: datetime, out: list[Alert]) -> None:
+        incident = self.open.pop(label, None)
+        if incident is not None:
+            out.append(resolved(incident.alert, end, {"extreme_kw": round(incident.extreme, 6)}))
+
+    def _stuck(
+        self, at: datetime, ts_s: float, power_kw: float, ready: bool, out: list[Alert]
+    ) -> bool:
+        value = self.run_value
+        same = value is not None and abs(power_kw - value) <= 1e-9 + 1e-7 * abs(value)
+        if same:
+            self.run_length += 1
+            if self.run_length == 2:
+                self.run_start_s = ts_s
+        else:
+            if "stuck" in self.open:
+                self._resolve("stuck", at, out)
+            elif self.run_length >= 2:
+                self.natural_runs.add(float(self.run_length))
+            self.run_value = power_kw
+            self.run_length = 1
+            return False
+        if "stuck" in self.open:
+            return True
+        longest = self.natural_runs.quantile(1.0) if len(self.natural_runs) else 1.0
+        needed = max(self.settings.stuck_min_readings, int(1 + 2 * longest))
+        # At the device's peak (an inverter clipping at its limit) a flat value is normal.
+        at_peak = (
+            self.kind == "solar" and len(self.levels) and power_kw >= self.levels.quantile(0.999)
+        )
+        if not ready or power_kw == 0.0 or at_peak or self.run_length < needed:
+            return False
+        start = datetime.fromtimestamp(self.run_start_s, UTC)
+        alert = self._fire(
+            "stuck",
+            start,
+            at,
+            power_kw,
+            None,
+            f"{self.device} has reported exactly {power_kw:g} kW for {self.run_length} readings "
+            f"(its longest natural repeat is {longest:g})",
+            out,
+            readings=self.run_length,
+        )
+        self.open["stuck"] = _Incident(alert, power_kw)
+        return True
+
+    def _spike(
+        self,
+        at: datetime,
+        ts_s: float,
+        power_kw: float,
+        level_kw: float,
+        residual_kw: float,
+        ready: bool,
+        out: list[Alert],
+    ) -> bool:
+        if not ready:
+            return False
+        _, upper_kw = self.residual_bounds()
+        pending = self.pending
+        if pending is not None:
+            if power_kw - pending.level_kw < 0.5 * upper_kw:
+                if pending.readings > self.settings.spike_max_readings:
+                    self.pending = None
+                    return False
+                # Back to normal within the allowed length: it was a spike.
+                self.pending = None
+                start = datetime.fromtimestamp(pending.start_s, UTC)
+                alert = self._fire(
+                    "spike",
+                    start,
+                    at,
+                    pending.peak_kw,
+                    pending.level_kw,
+                    f"{self.device} jumped to {pending.peak_kw:.3f} kW for {pending.readings} "
+                    f"reading(s) from a level of {pending.level_kw:.3f} kW",
+                    out,
+                    readings=pending.readings,
+                    threshold_kw=round(pending.level_kw + upper_kw, 6),
+                )
+                out.append(resolved(alert, at))
+                return False
+            pending.readings += 1
+            pending.peak_kw = max(pending.peak_kw, power_kw)
+            # Too long for a spike: the level has moved (the profile rules judge that), and
+            # the local level must learn it, until the readings come back down.
+            return pending.readings <= self.settings.spike_max_readings
+        if residual_kw > upper_kw:
+            self.pending = _PendingSpike(ts_s, power_kw, level_kw, 1)
+            # The sample learns that something reached the line (not how far beyond): an
+            # event the device makes often (a home's daily oven) soon moves the line above
+            # itself, while a rare fault leaves it where it is.
+            self.residuals.add(upper_kw)
+            return True
+        return False
+
+    def _drop(
+        self,
+        at: datetime,
+        ts_s: float,
+        power_kw: float,
+        level_kw: float,
+        residual_kw: float,
+        expectation: tuple[float, float] | None,
+        ready: bool,
+        out: list[Alert],
+    ) -> bool:
+        if not ready:
+            return False
+        lower_kw, _ = self.residual_bounds()
+        lowest_kw = self.levels.quantile(0.005)
+        reasons = []
+        if lowest_kw > 0 and power_kw < 0.5 * lowest_kw:
+            reasons.append("below_normal_floor")
+        if expectation is not None and len(self.window) == SHIFT_READINGS:
+            expected_kw, spread_kw = expectation
+            recent_kw = median(self.window)
+            if (
+                expected_kw > 0
+                and recent_kw < 0.25 * expected_kw
+                and expected_kw - recent_kw > self.settings.shift_spreads * spread_kw
+            ):
+                reasons.append("below_profile")
+        # A dip below the local level counts only while it is short: a level that stays
+        # down is a change of use, and the floor and profile rules judge it.
+        # Back down to what is usual at this time of week is not a drop.
+        usual_kw = expectation[0] if expectation is not None else math.inf
+        if residual_kw < lower_kw and power_kw < 0.5 * usual_kw:
+            dip = self.dip
+            if dip is None:
+                dip = self.dip = _PendingSpike(ts_s, power_kw, level_kw, 0)
+            dip.readings += 1
+            if dip.readings <= self.settings.spike_max_readings:
+                reasons.append("below_local_level")
+        else:
+            self.dip = None
+        incident = self.open.get("drop")
+        if not reasons:
+            if incident is not None:
+                self._resolve("drop", at, out)
+            return False
+        if incident is not None:
+            incident.extreme = min(incident.extreme, power_kw)
+            return True
+        expected_kw = expectation[0] if expectation is not None else level_kw
+        alert = self._fire(
+            "drop",
+            at,
+            at,
+            power_kw,
+            level_kw,
+            f"{self.device} fell to {power_kw:.3f} kW from a level of {level_kw:.3f} kW",
+            out,
+            rules=",".join(reasons),
+            profile_kw=round(expected_kw, 6),
+        )
+        self.open["drop"] = _Incident(alert, power_kw)
+        return True
+
+    def _level_shift(
+        self,
+        at: datetime,
+        ts_s: float,
+        power_kw: float,
+        expectation: tuple[float, float] | None,
+        out: list[Alert],
+    ) -> None:
+        incident = self.open.get("level_shift")
+        if expectation is None or len(self.window) < SHIFT_READINGS:
+            return
+        expected_kw, spread_kw = expectation
+        recent_kw = median(self.window)
+        z = (recent_kw - expected_kw) / spread_kw
+        limit = self.settings.shift_spreads
+        if incident is not None:
+            incident.extreme = (
+                recent_kw
+                if abs(recent_kw - expected_kw) > abs(incident.extreme - expected_kw)
+                else incident.extreme
+            )
+            if abs(z) < 0.5 * limit:
+                self._resolve("level_shift", at, out)
+            return
+        # A drop or a stuck value explains a deviation better than a shift does.
+        if abs(z) <= limit or "drop" in self.open or "stuck" in self.open:
+            return
+        # The shift began at the earliest of the trailing readings that are beyond the limit.
+        start_s = ts_s
+        for value, value_ts in zip(reversed(self.window), reversed(self.window_ts), strict=True):
+            if (value - expected_kw) / spread_kw * math.copysign(1.0, z) <= limit:
+                break
+            start_s = value_ts
+        direction = "up" if z > 0 else "down"
+        alert = self._fire(
+            "level_shift",
+            datetime.fromtimestamp(start_s, UTC),
+            at,
+            recent_kw,
+            expected_kw,
+            f"{self.device} moved {direction} to {recent_kw:.3f} kW where {expected_kw:.3f} kW "
+            f"is usual at this time of week ({z:+.1f} spreads)",
+            out,
+            direction=direction,
+            spreads=round(z, 3),
+        )
+        self.open["level_shift"] = _Incident(alert, recent_kw)
+
+    def _high_consumption(
+        self,
+        at: datetime,
+        ts_s: float,
+        power_kw: float,
+        expectation: tuple[float, float] | None,
+        out: list[Alert],
+    ) -> None:
+        window = self.hour_window
+        window.append((ts_s, power_kw))
+        self.hour_sum_kw += power_kw
+        while window and window[0][0] <= ts_s - 3600.0:
+            self.hour_sum_kw -= window.popleft()[1]
+        if expectation is None or ts_s - window[0][0] < 3600.0 * 0.75:
+            return
+        hour_mean_kw = self.hour_sum_kw / len(window)
+        expected_kw, spread_kw = expectation
+        incident = self.open.get("high_consumption")
+        excess_kw = hour_mean_kw - expected_kw
+        if incident is not None:
+            incident.extreme = max(incident.extreme, hour_mean_kw)
+            if excess_kw < 0.5 * self.settings.high_consumption_spreads * spread_kw:
+                self._resolve("high_consumption", at, out)
+            return
+        if (
+            excess_kw <= self.settings.high_consumption_spreads * spread_kw
+            or excess_kw <= 0.5 * abs(expected_kw)
+        ):
+            return
+        # The hour's mean says little about when the excess began: start at detection.
+        alert = self._fire(
+            "high_consumption",
+            at,
+            at,
+            hour_mean_kw,
+            expected_kw,
+            f"{self.device} drew {hour_mean_kw:.3f} kW over the last hour where "
+            f"{expected_kw:.3f} kW is usual at this time of week",
+            out,
+            excess_kw=round(excess_kw, 6),
+        )
+        self.open["high_consumption"] = _Incident(alert, hour_mean_kw)

@@ -1,0 +1,125 @@
+"""Robust, bounded building blocks of the detectors' baselines (plain Python, no Faust).
+
+* :class:`RollingSample`: the last ``size`` values and their quantiles. Quantiles
+  are re-sorted every ``refresh`` additions, so a reading costs O(1) amortised
+  and a baseline never looks at more than ``size`` values.
+* :class:`LocalClock`: local hour, weekday and minute of day of an epoch
+  instant in an IANA zone (DST included), cached per quarter hour: zoneinfo
+  conversions cost microseconds and the detectors ask for every reading. A
+  quarter hour, not an hour, because some zones are offset by 30 or 45 minutes.
+* :func:`median`, :func:`mad_spread`: the robust location and spread of a short list.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from datetime import UTC, date, datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+MAD_TO_SIGMA = 1.4826
+"""A normal distribution's standard deviation over its median absolute deviation. [-]"""
+QUARTER_HOUR_S = 900
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("median of no values")
+    mid = n // 2
+    return ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+def mad_spread(values: Sequence[float], center: float | None = None) -> float:
+    """The median absolute deviation scaled to a normal standard deviation."""
+    middle = median(values) if center is None else center
+    return MAD_TO_SIGMA * median([abs(v - middle) for v in values])
+
+
+def quantile_of_sorted(ordered: Sequence[float], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's default method)."""
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+class RollingSample:
+    """The last ``size`` values, with quantiles refreshed every ``refresh`` additions."""
+
+    __slots__ = ("_since", "_sorted", "refresh", "values")
+
+    def __init__(self, size: int, refresh: int | None = None) -> None:
+        self.values: deque[float] = deque(maxlen=size)
+        self.refresh = refresh or max(10, size // 20)
+        self._sorted: list[float] = []
+        self._since = 0
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def add(self, value: float) -> None:
+        self.values.append(value)
+        self._since += 1
+        # Sort early while the sample is young, so quantiles exist from the first tens.
+        if self._since >= self.refresh or len(self._sorted) * 2 < len(self.values):
+            self._sorted = sorted(self.values)
+            self._since = 0
+
+    def quantile(self, q: float) -> float:
+        """The ``q`` quantile of the sample at its last refresh (raises if it is empty)."""
+        if not self._sorted:
+            raise ValueError("quantile of an empty sample")
+        return quantile_of_sorted(self._sorted, q)
+
+
+def zone(name: str) -> ZoneInfo:
+    """The IANA zone ``name``, or a ValueError a settings model can show."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r} (an IANA name like 'Europe/Rome')") from None
+
+
+class LocalClock:
+    """Local calendar facts of epoch instants in one zone, cached per quarter hour."""
+
+    __slots__ = ("_base_minute", "_base_s", "_day", "_hour", "_weekday", "zone")
+
+    def __init__(self, zone_name: str) -> None:
+        self.zone = zone(zone_name)
+        self._base_s = math.nan
+        self._base_minute = 0.0
+        self._hour = 0
+        self._weekday = 0
+        self._day = date.min
+
+    def _load(self, ts_s: float) -> None:
+        base_s = math.floor(ts_s / QUARTER_HOUR_S) * QUARTER_HOUR_S
+        if base_s != self._base_s:
+            local = datetime.fromtimestamp(base_s, UTC).astimezone(self.zone)
+            self._base_s = base_s
+            self._base_minute = local.hour * 60 + local.minute
+            self._hour = local.hour
+            self._weekday = local.weekday()
+            self._day = local.date()
+
+    def hour(self, ts_s: float) -> int:
+        self._load(ts_s)
+        return self._hour
+
+    def weekday(self, ts_s: float) -> int:
+        """Monday is 0."""
+        self._load(ts_s)
+        return self._weekday
+
+    def day(self, ts_s: float) -> date:
+        self._load(ts_s)
+        return self._day
+
+    def minute_of_day(self, ts_s: float) -> float:
+        self._load(ts_s)
+        return self._base_minute + (ts_s - self._base_s) / 60.0
+

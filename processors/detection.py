@@ -1,0 +1,100 @@
+"""The site's detectors behind one door: readings in, alerts out.
+
+:class:`SiteDetection` keeps one :class:`SignalDetector` (spikes, drops, level
+shifts, stuck values, high consumption) per watched device and one
+:class:`VampireDetector` per consumption device, created on a device's first
+reading. The Faust agent and ``wattstream detect`` both feed it readings in
+time order per device, so they raise the same alerts.
+
+Plain Python (no Faust import) except :func:`register`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from pipeline import codec, topics
+from pipeline.schemas import Alert, HomeReading, MeterReading, Reading, SolarReading
+from pipeline.settings import Settings, SiteConfig, validate_section
+from processors.anomaly import CONSUMPTION_KINDS, DetectionSettings, SignalDetector
+from processors.vampire import VampireDetector
+
+if TYPE_CHECKING:
+    import faust
+
+
+def detection_settings(site: SiteConfig) -> DetectionSettings:
+    """The site's ``[sites.detection]`` section, validated (defaults without one)."""
+    return validate_section(DetectionSettings, f"sites[{site.id}].detection", site.detection or {})
+
+
+class SiteDetection:
+    """Every statistical detector of one site."""
+
+    def __init__(self, site: str, settings: DetectionSettings | None = None) -> None:
+        self.site = site
+        self.settings = settings or DetectionSettings()
+        self.signals: dict[str, SignalDetector] = {}
+        self.vampires: dict[str, VampireDetector] = {}
+
+    def observe(self, device: str, kind: str, at: datetime, power_kw: float) -> list[Alert]:
+        """One power reading of ``device``; the alerts it starts or ends."""
+        if not self.settings.enabled or kind not in self.settings.kinds:
+            return []
+        signal = self.signals.get(device)
+        if signal is None:
+            signal = self.signals[device] = SignalDetector(self.site, device, kind, self.settings)
+        out = signal.observe(at, power_kw)
+        if kind in CONSUMPTION_KINDS:
+            vampire = self.vampires.get(device)
+            if vampire is None:
+                vampire = self.vampires[device] = VampireDetector(
+                    self.site, device, kind, self.settings
+                )
+            out.extend(vampire.observe(at, power_kw))
+        return out
+
+    def on_readings(self, readings: Iterable[Reading]) -> list[Alert]:
+        """A batch of readings, in order of their timestamps."""
+        out: list[Alert] = []
+        watched = [r for r in readings if isinstance(r, HomeReading | MeterReading | SolarReading)]
+        for reading in sorted(watched, key=lambda r: r.ts):
+            out.extend(self.observe(reading.device, reading.kind, reading.ts, reading.power_kw))
+        return out
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    """Wire the statistical detectors to Kafka: telemetry in, alerts out.
+
+    Every site is watched (``[sites.detection]`` only changes the settings, and is
+    validated here, at start-up). Undecodable telemetry is skipped: the arbitrage agent
+    reads the same records and dead-letters them once.
+
+    The baselines live in the worker's memory: after a restart or a rebalance a device
+    learns again (``warmup_h``) before it raises alerts.
+    """
+    from pipeline.streams import AGENT_SUPERVISOR, raw_topic
+
+    engines = {
+        site.id: SiteDetection(site.id, cfg)
+        for site in settings.sites
+        if (cfg := detection_settings(site)).enabled
+    }
+    source = raw_topic(app, settings, topics.TELEMETRY)
+    alerts_topic = raw_topic(app, settings, topics.ALERTS)
+
+    @app.agent(source, name=f"{__name__}.detection", supervisor_strategy=AGENT_SUPERVISOR)
+    async def detection(stream: Any) -> None:
+        async for event in stream.events():
+            message = event.message
+            site = (message.key or b"").decode("utf-8", "replace")
+            engine = engines.get(site)
+            if engine is None:
+                continue
+            batch, _ = codec.decode_telemetry(message.value)
+            if batch is None or batch.site != site:
+                continue  # dead-lettered by the arbitrage agent
+            for alert in engine.on_readings(batch.readings):
+                await alerts_topic.send(key=site.encode(), value=codec.encode(alert))

@@ -1,0 +1,258 @@
+"""Vampire loads: consumption in a site's idle hours above what it learned to draw then.
+
+A site is idle at configured times (``[sites.detection] idle`` windows such as
+01:00-05:00, ``idle_days`` such as the weekend of an office, ``holidays``).
+What a device draws then is its standby: fridge, router, alarm, heat pump
+circulation. The **idle baseline** is the median, over the last
+``BASELINE_PERIODS`` idle periods without an incident, of each period's median
+power; its **spread** is the MAD of those medians. A period with a vampire
+load does not teach the baseline, so a load left on for weeks stays an alert.
+
+Inside an idle period, the detector follows the median of the last three
+readings (one fridge compressor start is not a vampire). When that median is
+above ``baseline + margin``, with ``margin = max(vampire_margin_kw,
+vampire_margin_pct x baseline, 3 x spread)``, for ``vampire_min_duration_min``,
+a ``vampire`` alert fires; it starts at the first reading of the stretch and
+resolves when the median is back under ``baseline + margin / 2`` or the idle
+period ends. The resolved event carries the estimated wasted energy (the
+excess over the baseline integrated over the stretch) and its cost at
+``price_per_kwh``; the firing event carries the rate (excess kW, and cost per
+idle hour).
+
+Plain Python (no Faust import).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+
+from pipeline.schemas import Alert, Severity
+from processors.alerting import firing, resolved
+from processors.anomaly import WEEKDAYS, DetectionSettings
+from processors.baselines import LocalClock, RollingSample, median
+
+MIN_BASELINE_PERIODS = 3
+MIN_PERIOD_READINGS = 3
+"""An idle period with fewer readings than this does not teach the baseline. [-]"""
+IDLE_SAMPLE = 2000
+"""Idle readings and window medians remembered: two weeks of 4-hour nights at 5-minute
+steps. [-]"""
+WINDOWS_MIN = (30.0, 120.0)
+"""The windows whose median power is watched: a big vampire load shows in half an hour, a
+small one needs two hours of readings to stand out of the noise. [min]"""
+TAIL_FACTOR = 1.5
+"""Lines sit at the median of the window medians plus this many times their 0.5 %-50 %
+spread: beyond the highest the device reached in normal idle hours. [-]"""
+
+
+@dataclass
+class _Period:
+    """The idle period being read: its readings and whether it had an incident."""
+
+    key: tuple[date, int]
+    first_s: float
+    times_s: list[float] = field(default_factory=list)
+    values_kw: list[float] = field(default_factory=list)
+    stats: list[tuple[float | None, ...]] = field(default_factory=list)
+    had_incident: bool = False
+
+
+@dataclass
+class _Stretch:
+    start_s: float
+    detected_s: float
+    baseline_kw: float
+    resolve_kw: list[float]
+    """Below these window medians the excess is over."""
+    excess_kwh: float = 0.0
+    peak_kw: float = 0.0
+    alert: Alert | None = None
+
+
+class VampireDetector:
+    """Vampire loads of one consumption device. Feed readings in time order."""
+
+    def __init__(
+        self, site: str, device: str, kind: str, settings: DetectionSettings | None = None
+    ) -> None:
+        self.site = site
+        self.device = device
+        self.kind = kind
+        self.settings = settings or DetectionSettings()
+        self.clock = LocalClock(self.settings.timezone)
+        self._idle_days = {WEEKDAYS.index(d) for d in self.settings.idle_days}
+        self._holidays = set(self.settings.holidays)
+        self.idle_readings = RollingSample(IDLE_SAMPLE)
+        self.learned_stats = [RollingSample(IDLE_SAMPLE) for _ in WINDOWS_MIN]
+        self.periods_learned = 0
+        self.period: _Period | None = None
+        self.stretch: _Stretch | None = None
+        self.last_s: float | None = None
+
+    def idle_period(self, ts_s: float) -> tuple[date, int] | None:
+        """Which idle period ``ts_s`` is in, as (local date it began, window index), if any."""
+        day = self.clock.day(ts_s)
+        weekday = self.clock.weekday(ts_s)
+        if day in self._holidays or weekday in self._idle_days:
+            return (day, -1)
+        minute = self.clock.minute_of_day(ts_s)
+        for index, window in enumerate(self.settings.idle):
+            if window.contains(minute, weekday):
+                return (day, index)
+        return None
+
+    def observe(self, at: datetime, power_kw: float) -> list[Alert]:
+        ts_s = at.timestamp()
+        if self.last_s is not None and ts_s <= self.last_s:
+            return []
+        step_h = 0.0 if self.last_s is None else (ts_s - self.last_s) / 3600.0
+        self.last_s = ts_s
+        out: list[Alert] = []
+        period_key = self.idle_period(ts_s)
+        if self.period is not None and (period_key is None or not self._same_period(period_key)):
+            self._end_period(at, out)
+        if period_key is None:
+            return out
+        if self.period is None:
+            self.period = _Period(period_key, ts_s)
+        period = self.period
+        period.times_s.append(ts_s)
+        period.values_kw.append(power_kw)
+        stats = self._window_medians(period)
+        period.stats.append(stats)
+        stretch = self.stretch
+        if stretch is not None:
+            stretch.excess_kwh += max(0.0, power_kw - stretch.baseline_kw) * step_h
+            stretch.peak_kw = max(stretch.peak_kw, power_kw)
+            if all(s is None or s < t for s, t in zip(stats, stretch.resolve_kw, strict=True)):
+                self._end_stretch(at, out)
+            return out
+        # One incident per idle period: a load that comes and goes in a night is one finding.
+        if self.periods_learned < MIN_BASELINE_PERIODS or period.had_incident:
+            return out
+        baseline_kw = self.idle_readings.quantile(0.5)
+        margin_kw = self._min_excess_kw(baseline_kw)
+        lines = [
+            center + max(TAIL_FACTOR * (learned.quantile(0.995) - center), margin_kw)
+            for learned in self.learned_stats
+            for center in (learned.quantile(0.5),)
+        ]
+        for window_min, stat, line in zip(WINDOWS_MIN, stats, lines, strict=True):
+            if stat is None or stat <= line:
+                continue
+            # The stretch starts at the first reading of the window above the line.
+            first_s = ts_s - window_min * 60.0
+            start_s = next(
+                t
+                for t, v in zip(period.times_s, period.values_kw, strict=True)
+                if t > first_s and v > line
+            )
+            resolve_kw = [0.5 * (b + ln) for b, ln in zip(self._stat_medians(), lines, strict=True)]
+            self.stretch = _Stretch(start_s, ts_s, baseline_kw, resolve_kw)
+            self.stretch.peak_kw = power_kw
+            self._fire(at, stat, baseline_kw, window_min, self.stretch, out)
+            break
+        return out
+
+    def _window_medians(self, period: _Period) -> tuple[float | None, ...]:
+        """The median of each window's readings, once the period has lasted that long."""
+        now_s = period.times_s[-1]
+        out: list[float | None] = []
+        for window_min in WINDOWS_MIN:
+            first_s = now_s - window_min * 60.0
+            if period.times_s[0] > first_s + 6.0 * window_min:  # 10 % of the window
+                out.append(None)  # the period has not covered this window yet
+                continue
+            index = bisect.bisect_right(period.times_s, first_s)
+            out.append(median(period.values_kw[index:]))
+        return tuple(out)
+
+    def _stat_medians(self) -> list[float]:
+        return [learned.quantile(0.5) for learned in self.learned_stats]
+
+    def _min_excess_kw(self, baseline_kw: float) -> float:
+        return max(
+            self.settings.vampire_margin_kw,
+            self.settings.vampire_margin_pct / 100.0 * abs(baseline_kw),
+        )
+
+    def _same_period(self, key: tuple[date, int]) -> bool:
+        assert self.period is not None
+        if key == self.period.key:
+            return True
+        # The same window after midnight: its date moved by one day.
+        return key[1] == self.period.key[1] >= 0 and (key[0] - self.period.key[0]).days == 1
+
+    def _fire(
+        self,
+        at: datetime,
+        stat_kw: float,
+        baseline_kw: float,
+        window_min: float,
+        stretch: _Stretch,
+        out: list[Alert],
+    ) -> None:
+        excess_kw = stat_kw - baseline_kw
+        settings = self.settings
+        alert = firing(
+            site=self.site,
+            device=self.device,
+            alert_type="vampire",
+            severity=Severity.WARNING,
+            subject=f"{self.device}: vampire load in idle hours",
+            message=(
+                f"{self.device} draws {stat_kw:.3f} kW (median of {window_min:g} min) in idle "
+                f"hours where its standby is {baseline_kw:.3f} kW: {excess_kw:.3f} kW wasted, "
+                f"{excess_kw * settings.price_per_kwh:.3f} {settings.currency} per idle hour"
+            ),
+            start=datetime.fromtimestamp(stretch.start_s, UTC),
+            observed=round(stat_kw, 6),
+            expected=round(baseline_kw, 6),
+            details={
+                "detected_at": at.isoformat(),
+                "kind": self.kind,
+                "excess_kw": round(excess_kw, 6),
+                "window_min": window_min,
+                "cost_per_idle_hour": round(excess_kw * settings.price_per_kwh, 6),
+                "currency": settings.currency,
+            },
+        )
+        stretch.alert = alert
+        assert self.period is not None
+        self.period.had_incident = True
+        out.append(alert)
+
+    def _end_stretch(self, at: datetime, out: list[Alert]) -> None:
+        stretch = self.stretch
+        self.stretch = None
+        if stretch is None or stretch.alert is None:
+            return
+        settings = self.settings
+        out.append(
+            resolved(
+                stretch.alert,
+                at,
+                {
+                    "wasted_kwh": round(stretch.excess_kwh, 6),
+                    "wasted_cost": round(stretch.excess_kwh * settings.price_per_kwh, 6),
+                    "peak_kw": round(stretch.peak_kw, 6),
+                },
+            )
+        )
+
+    def _end_period(self, at: datetime, out: list[Alert]) -> None:
+        period = self.period
+        assert period is not None
+        self._end_stretch(at, out)
+        self.period = None
+        if period.had_incident or len(period.values_kw) < MIN_PERIOD_READINGS:
+            return
+        for value in period.values_kw:
+            self.idle_readings.add(value)
+        for stats in period.stats:
+            for learned, stat in zip(self.learned_stats, stats, strict=True):
+                if stat is not None:
+                    learned.add(stat)
+        self.periods_learned += 1
