@@ -45,6 +45,10 @@ Rules (``label`` is the alert type, and the label `wattstream detect` scores):
   above the profile's expectation by ``high_consumption_spreads`` spreads and
   by half of it at least.
 
+PV (``solar``) gets the spike and stuck rules only: its output follows the weather,
+so a time-of-day profile and a local level say nothing about a fault; its drops
+and lasting losses are judged against irradiance by ``processors/solar.py``.
+
 Readings that are part of a spike, drop or stuck incident do not teach the
 baselines (a fault must not become the normal); level shifts do teach the
 profile, so a lasting change becomes the new normal after days, as it should.
@@ -310,12 +314,17 @@ class SignalDetector:
         self.window_ts.append(ts_s)
         faulty = self._stuck(at, ts_s, power_kw, ready, out)
         faulty = self._spike(at, ts_s, power_kw, level_kw, residual_kw, ready, out) or faulty
-        faulty = (
-            self._drop(at, ts_s, power_kw, level_kw, residual_kw, expectation, ready, out) or faulty
-        )
-        self._level_shift(at, ts_s, power_kw, expectation, out)
+        # PV follows the weather: a cloudy day is far below a time-of-day profile, and a
+        # passing cloud is a dip. Its drops and lasting losses are judged against
+        # irradiance by the solar detector (processors/solar.py), not here.
+        if self.kind != "solar":
+            dropped = self._drop(at, ts_s, power_kw, level_kw, residual_kw, expectation, ready, out)
+            faulty = dropped or faulty
+            self._level_shift(at, ts_s, power_kw, expectation, out)
         if self.kind in CONSUMPTION_KINDS:
-            self._high_consumption(at, ts_s, power_kw, expectation, out)
+            # A spike or a dropout is not consumption: the hour counts the level instead.
+            consumed_kw = level_kw if faulty else power_kw
+            self._high_consumption(at, ts_s, consumed_kw, expectation, out)
 
         if not faulty:
             self._learn(ts_s, power_kw, residual_kw)
@@ -485,7 +494,7 @@ class SignalDetector:
             recent_kw = median(self.window)
             if (
                 expected_kw > 0
-                and recent_kw < 0.25 * expected_kw
+                and max(recent_kw, power_kw) < 0.25 * expected_kw
                 and expected_kw - recent_kw > self.settings.shift_spreads * spread_kw
             ):
                 reasons.append("below_profile")

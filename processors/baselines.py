@@ -122,4 +122,3 @@ class LocalClock:
     def minute_of_day(self, ts_s: float) -> float:
         self._load(ts_s)
         return self._base_minute + (ts_s - self._base_s) / 60.0
-

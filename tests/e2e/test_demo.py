@@ -8,9 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 
+from pipeline.schemas import Alert
+from pipeline.settings import load_settings
+from processors.detection import SiteDetection, detection_settings
+
 pytestmark = pytest.mark.e2e
+
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
 
 
 def test_demo_runs_to_a_summary_with_every_action(tmp_path: Path) -> None:
@@ -43,10 +50,15 @@ def test_demo_runs_to_a_summary_with_every_action(tmp_path: Path) -> None:
     # plans: one per site per hour once the hour is over (the last hour of the week never
     # is: no reading follows it), each a plan point plus one point per consumer (5).
     allocation_points = 3 * (7 * 24 - 1) * (1 + 5)
+    # Alerts of the detectors (the sample watches its PV only): whatever they find is
+    # exactly what the same detectors find over the file without a broker.
+    expected_alerts = _detector_alerts_over_sample()
+    alert_lines = [line for line in lines if line.startswith("alert,")]
+    assert len(alert_lines) == len(expected_alerts)
     assert (
         summary["points_written"]
         == len(lines)
-        == (90_720 + 168 + 2 * 3 * 7 * 24 + allocation_points)
+        == (90_720 + 168 + 2 * 3 * 7 * 24 + allocation_points + len(expected_alerts))
     )
     assert sum(line.startswith("allocation_plan,") for line in lines) == 3 * (7 * 24 - 1)
     assert sum(line.startswith("decision,") for line in lines) == 3 * 7 * 24
@@ -57,3 +69,15 @@ def test_demo_runs_to_a_summary_with_every_action(tmp_path: Path) -> None:
     for site in ("turin-home", "turin-school", "moncalieri-depot"):
         assert f"{site} / battery-1" in report
     assert "<script" not in report and "http" not in report.split("<svg")[0].lower()
+
+
+def _detector_alerts_over_sample() -> list[Alert]:
+    """The alert events of the sample's detectors, run over the telemetry file directly."""
+    config = load_settings(SAMPLE / "wattstream.toml")
+    engines = {site.id: SiteDetection(site.id, detection_settings(site)) for site in config.sites}
+    frame = pl.read_parquet(SAMPLE / "telemetry.parquet").sort("time")
+    alerts: list[Alert] = []
+    for row in frame.iter_rows(named=True):
+        engine = engines[row["site"]]
+        alerts.extend(engine.observe(row["device"], row["kind"], row["time"], row["power_kw"]))
+    return alerts

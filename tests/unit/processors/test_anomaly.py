@@ -1,0 +1,247 @@
+"""The statistical detectors on their edges: clean data, each fault kind, warm-up, order."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, date, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from pipeline.schemas import Alert, AlertStatus
+from pipeline.settings import SettingsError, SiteConfig
+from processors.anomaly import DetectionSettings, SignalDetector
+from processors.baselines import LocalClock
+from processors.detection import SiteDetection, detection_settings
+from processors.vampire import VampireDetector
+
+START = datetime(2025, 3, 3, tzinfo=UTC)  # a Monday
+STEP = timedelta(minutes=5)
+PER_DAY = 288
+
+
+def series(days: float, seed: int = 1, level_kw: float = 1.0) -> list[float]:
+    """A load with a daily shape and 5 % noise, at 5-minute steps."""
+    rng = np.random.default_rng(seed)
+    n = int(days * PER_DAY)
+    hours = np.arange(n) * 5 / 60
+    shape = level_kw * (1.0 + 0.3 * np.sin(2 * math.pi * hours / 24))
+    return list(shape * (1.0 + 0.05 * rng.standard_normal(n)))
+
+
+def run(values: list[float], kind: str = "home", **settings: object) -> list[Alert]:
+    detector = SignalDetector("s", "d", kind, DetectionSettings(**settings))  # type: ignore[arg-type]
+    out: list[Alert] = []
+    for k, value in enumerate(values):
+        out.extend(detector.observe(START + k * STEP, value))
+    return out
+
+
+def firing(alerts: list[Alert], label: str) -> list[Alert]:
+    return [a for a in alerts if a.alert_type == label and a.status is AlertStatus.FIRING]
+
+
+def test_clean_series_raises_nothing() -> None:
+    assert run(series(6)) == []
+
+
+def test_a_spike_is_raised_when_it_returns_with_its_start_and_end() -> None:
+    values = series(4)
+    at = 3 * PER_DAY + 100
+    values[at] += 10.0
+    alerts = run(values)
+    spikes = [a for a in alerts if a.alert_type == "spike"]
+    assert [a.status for a in spikes] == [AlertStatus.FIRING, AlertStatus.RESOLVED]
+    assert spikes[0].start == START + at * STEP
+    assert spikes[0].details["detected_at"] == (START + (at + 1) * STEP).isoformat()
+    assert spikes[1].end == START + (at + 1) * STEP
+    assert spikes[0].observed == pytest.approx(values[at])
+    assert spikes[0].alert_id == spikes[1].alert_id
+    assert [a.alert_type for a in alerts] == ["spike", "spike"]
+
+
+def test_no_alert_during_warm_up() -> None:
+    values = series(2)
+    values[50] += 10.0  # within the first 24 h
+    values[60] = 0.0
+    assert run(values) == []
+
+
+def test_a_rise_that_stays_is_not_a_spike() -> None:
+    values = series(5)
+    start = 4 * PER_DAY
+    for k in range(start, start + 24):
+        values[k] += 10.0
+    assert firing(run(values), "spike") == []
+
+
+def test_a_stuck_value_starts_at_its_first_repeat_and_resolves_when_it_moves() -> None:
+    values = series(4)
+    at = 3 * PER_DAY
+    for k in range(at + 1, at + 20):
+        values[k] = values[at]
+    alerts = [a for a in run(values) if a.alert_type == "stuck"]
+    assert [a.status for a in alerts] == [AlertStatus.FIRING, AlertStatus.RESOLVED]
+    assert alerts[0].start == START + (at + 1) * STEP
+    assert alerts[1].end == START + (at + 20) * STEP
+
+
+def test_zero_is_not_stuck_and_two_repeats_are_not_enough() -> None:
+    values = series(4)
+    at = 3 * PER_DAY
+    values[at + 1] = values[at]  # one repeat: a quantised meter does that
+    assert firing(run(values), "stuck") == []
+    pv = [0.0] * PER_DAY * 2 + series(2)  # nights of zeros
+    assert firing(run(pv, kind="solar"), "stuck") == []
+
+
+def test_a_drop_to_zero_fires_at_once_and_resolves() -> None:
+    values = series(5)
+    at = 4 * PER_DAY + 30
+    for k in range(at, at + 12):
+        values[k] = 0.0
+    alerts = [a for a in run(values) if a.alert_type == "drop"]
+    assert [a.status for a in alerts] == [AlertStatus.FIRING, AlertStatus.RESOLVED]
+    assert alerts[0].start == START + at * STEP
+    assert alerts[0].details["detected_at"] == alerts[0].start.isoformat()
+    assert alerts[1].end == START + (at + 12) * STEP
+
+
+def test_a_level_shift_is_found_against_the_time_of_day_profile() -> None:
+    values = series(6)
+    at = 5 * PER_DAY + 100
+    for k in range(at, at + 36):
+        values[k] += 1.5
+    alerts = [a for a in run(values) if a.alert_type == "level_shift"]
+    assert [a.status for a in alerts] == [AlertStatus.FIRING, AlertStatus.RESOLVED]
+    assert START + at * STEP <= alerts[0].start <= START + (at + 3) * STEP
+    assert alerts[0].details["direction"] == "up"
+    assert alerts[0].expected is not None and alerts[0].observed is not None
+    assert alerts[0].observed - alerts[0].expected == pytest.approx(1.5, rel=0.2)
+
+
+def test_late_and_duplicate_readings_are_ignored() -> None:
+    detector = SignalDetector("s", "d", "home")
+    assert detector.observe(START, 1.0) == []
+    assert detector.observe(START, 50.0) == []
+    assert detector.observe(START - STEP, 50.0) == []
+    assert detector.last_s == START.timestamp()
+    assert list(detector.recent) == [1.0]
+
+
+def test_solar_gets_no_profile_rules() -> None:
+    values = series(5)
+    at = 4 * PER_DAY
+    for k in range(at, at + 36):
+        values[k] = 0.1 * values[k]  # a cloudy afternoon
+    alerts = run(values, kind="solar")
+    assert firing(alerts, "drop") == [] and firing(alerts, "level_shift") == []
+
+
+def test_high_consumption_over_an_hour() -> None:
+    values = series(6)
+    at = 5 * PER_DAY + 100
+    for k in range(at, at + 24):
+        values[k] *= 4.0
+    alerts = firing(run(values), "high_consumption")
+    assert len(alerts) == 1
+    assert alerts[0].start >= START + at * STEP
+
+
+def test_ids_are_deterministic() -> None:
+    values = series(4)
+    values[3 * PER_DAY + 10] += 10.0
+    assert [a.alert_id for a in run(values)] == [a.alert_id for a in run(values)]
+
+
+def test_site_detection_watches_only_the_configured_kinds() -> None:
+    detection = SiteDetection("s", DetectionSettings(kinds=["solar"]))
+    for k, value in enumerate(series(3)):
+        detection.observe("m", "meter", START + k * STEP, value)
+    assert detection.signals == {} and detection.vampires == {}
+
+
+def test_bad_settings_name_the_setting() -> None:
+    site = SiteConfig(
+        id="home", market="M", detection={"timezone": "Mars/Olympus", "tail_factor": 0}
+    )
+    with pytest.raises(SettingsError) as error:
+        detection_settings(site)
+    assert "sites[home].detection.timezone" in str(error.value)
+    assert "sites[home].detection.tail_factor" in str(error.value)
+
+
+def test_local_clock_follows_daylight_saving_time() -> None:
+    clock = LocalClock("Europe/Rome")
+    before = datetime(2025, 3, 30, 0, 30, tzinfo=UTC).timestamp()  # 01:30 CET
+    after = datetime(2025, 3, 30, 1, 30, tzinfo=UTC).timestamp()  # 03:30 CEST
+    assert clock.hour(before) == 1 and clock.hour(after) == 3
+    assert clock.minute_of_day(after + 600) == pytest.approx(3 * 60 + 40)
+    assert clock.day(after) == date(2025, 3, 30) and clock.weekday(after) == 6
+
+
+# --- vampire loads ---------------------------------------------------------------
+
+
+def nights(days: int, extra_kw: dict[int, float], seed: int = 3) -> list[tuple[datetime, float]]:
+    """A home at 0.2 kW standby (5 % noise) at night and 1 kW by day; ``extra_kw`` per day."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(days * PER_DAY):
+        at = START + k * STEP
+        base_kw = 0.2 if at.hour < 6 else 1.0
+        value = base_kw * (1 + 0.05 * rng.standard_normal()) + extra_kw.get(k // PER_DAY, 0.0)
+        out.append((at, value))
+    return out
+
+
+def run_vampire(readings: list[tuple[datetime, float]], **settings: object) -> list[Alert]:
+    detector = VampireDetector("s", "d", "home", DetectionSettings(**settings))  # type: ignore[arg-type]
+    out: list[Alert] = []
+    for at, value in readings:
+        out.extend(detector.observe(at, value))
+    return out
+
+
+def test_no_vampire_on_clean_nights() -> None:
+    assert run_vampire(nights(10, {})) == []
+
+
+def test_a_vampire_load_is_found_in_idle_hours_with_its_cost() -> None:
+    alerts = run_vampire(nights(8, {6: 0.3}), price_per_kwh=0.5)
+    vampires = [a for a in alerts if a.alert_type == "vampire"]
+    assert [a.status for a in vampires] == [AlertStatus.FIRING, AlertStatus.RESOLVED]
+    fired, ended = vampires
+    day6 = START + timedelta(days=6)
+    assert day6 + timedelta(hours=1) <= fired.start < day6 + timedelta(hours=2)
+    assert fired.expected == pytest.approx(0.2, rel=0.1)
+    assert fired.details["excess_kw"] == pytest.approx(0.3, rel=0.2)
+    # Resolved when the idle window ends (05:00): about 0.3 kW over most of 4 hours.
+    assert ended.end == day6 + timedelta(hours=5)
+    assert 0.8 < float(ended.details["wasted_kwh"]) < 1.3
+    assert ended.details["wasted_cost"] == pytest.approx(0.5 * float(ended.details["wasted_kwh"]))
+
+
+def test_a_vampire_night_does_not_teach_the_baseline() -> None:
+    alerts = run_vampire(nights(14, {d: 0.3 for d in range(5, 14)}))
+    firing_days = {a.start.date() for a in alerts if a.status is AlertStatus.FIRING}
+    assert len(firing_days) == 9  # every night of the load, not just the first few
+
+
+def test_idle_windows_over_midnight_and_idle_days() -> None:
+    settings = DetectionSettings(
+        idle=[{"start": "22:00", "end": "06:00", "days": ["fri"]}],  # type: ignore[list-item]
+        idle_days=["sun"],
+        holidays=[date(2025, 3, 5)],
+    )
+    detector = VampireDetector("s", "d", "home", settings)
+    friday_night = datetime(2025, 3, 7, 23, tzinfo=UTC)
+    saturday_early = datetime(2025, 3, 8, 3, tzinfo=UTC)
+    saturday_night = datetime(2025, 3, 8, 23, tzinfo=UTC)
+    sunday_noon = datetime(2025, 3, 9, 12, tzinfo=UTC)
+    holiday_noon = datetime(2025, 3, 5, 12, tzinfo=UTC)
+    assert detector.idle_period(friday_night.timestamp()) is not None
+    assert detector.idle_period(saturday_early.timestamp()) is not None
+    assert detector.idle_period(saturday_night.timestamp()) is None
+    assert detector.idle_period(sunday_noon.timestamp()) is not None
+    assert detector.idle_period(holiday_noon.timestamp()) is not None
