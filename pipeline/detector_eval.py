@@ -6,7 +6,8 @@ seed and annual consumption. After ``warmup_days`` of clean data (what a
 detector has to learn from), faults are injected one at a time per home, at
 random instants, each followed by at least half a day of clean data:
 
-* ``spike``: 1-2 readings raised by 5, 8 or 12 times the home's standard deviation;
+* ``spike``: 1-2 readings raised by 1.5, 2 or 3 times the home's range (median to
+  99.9th percentile: a spike goes beyond anything the home does);
 * ``drop``: 15 min to 3 h at 0 % or 10 % of the true value (a dropout, a failing CT clamp);
 * ``level_shift``: 2-8 h offset by 3 or 5 standard deviations, as a step or as a
   drift that ramps up over its first hour;
@@ -42,7 +43,7 @@ SITE = "harness"
 HOUSEHOLD_TIMEZONE = "Europe/Berlin"
 """The zone of the H25 profile's hours: the homes' site settings use it."""
 KINDS = ("spike", "drop", "level_shift", "stuck", "vampire")
-SPIKE_STDS = (5.0, 8.0, 12.0)
+SPIKE_RANGES = (1.5, 2.0, 3.0)
 DROP_FACTORS = (0.0, 0.1)
 SHIFT_STDS = (3.0, 5.0)
 VAMPIRE_KW = (0.05, 0.1, 0.2)
@@ -94,6 +95,9 @@ def inject_faults(series: DeviceSeries, config: HarnessConfig, rng: np.random.Ge
     per_hour = 3600.0 / step_s
     clean = series.power_kw.copy()
     std_kw = float(np.std(clean))
+    # A home's own range: from its median to its 99.9th percentile (an oven with the
+    # kettle on). A spike reaches beyond that; inside it, it is a home using power.
+    range_kw = float(np.quantile(clean, 0.999) - np.median(clean))
     values = series.power_kw
     times = series.times
     idle = VampireDetector(SITE, series.device, "home", config.settings)
@@ -105,12 +109,12 @@ def inject_faults(series: DeviceSeries, config: HarnessConfig, rng: np.random.Ge
         size = ""
         if kind == "spike":
             length = int(rng.integers(1, 3))
-            stds = float(rng.choice(SPIKE_STDS))
-            size = f"x{stds:g} std"
+            ranges = float(rng.choice(SPIKE_RANGES))
+            size = f"+{ranges:g} range"
             end = k + length
             if end >= n:
                 break
-            values[k:end] = clean[k:end] + stds * std_kw
+            values[k:end] = clean[k:end] + ranges * range_kw
         elif kind == "drop":
             length = max(1, int(rng.uniform(0.25, 3.0) * per_hour))
             factor = float(rng.choice(DROP_FACTORS))

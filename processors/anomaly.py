@@ -70,7 +70,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.schemas import Alert, Severity
 from processors.alerting import firing, resolved
-from processors.baselines import LocalClock, RollingSample, mad_spread, median, zone
+from processors.baselines import (
+    LocalClock,
+    RollingSample,
+    mad_spread,
+    median,
+    quantile_of_sorted,
+    zone,
+)
 
 Label = Literal["spike", "drop", "level_shift", "stuck", "high_consumption", "vampire"]
 LABELS: tuple[str, ...] = (
@@ -88,6 +95,8 @@ CONSUMPTION_KINDS = frozenset({"home", "meter"})
 LOCAL_READINGS = 12
 """Readings in the local level's median: long enough to ignore a 3-reading spike. [-]"""
 RESIDUAL_SAMPLE = 2000
+TAIL_SAMPLES = 1000
+"""Residuals needed before the 0.1 %-tail bounds are used (spikes, dips). [-]"""
 """Residuals kept per device: a week at 5-minute steps, a day and a half at 1 minute. [-]"""
 LEVEL_SAMPLE = 2000
 SHIFT_READINGS = 5
@@ -136,11 +145,15 @@ class DetectionSettings(BaseModel):
     )
     """Device kinds watched for anomalies. Batteries, EVs and generators follow commands,
     so a constant or sudden power is their normal."""
-    tail_factor: PositiveFloat = 1.5
+    tail_factor: PositiveFloat = 1.25
     """Spike/drop thresholds: this many times the residuals' 0.1 %-99.9 % tail beyond the
     median (the largest jumps the device makes in normal use, with a margin)."""
     shift_spreads: PositiveFloat = 4.0
-    """Level shift: the recent median this many profile spreads from the expectation."""
+    """Level shift: the recent readings this many profile spreads from the expectation."""
+    shift_window_min: PositiveFloat = 30.0
+    """Level shift: the readings of this window must all have moved (their lower quartile
+    up, or upper quartile down): longer than a cooking hour's bursts, short enough to
+    find a shift in half an hour. [min]"""
     high_consumption_spreads: PositiveFloat = 6.0
     spike_max_readings: Annotated[int, Field(ge=1, le=20)] = 3
     stuck_min_readings: Annotated[int, Field(ge=2, le=10_000)] = 3
@@ -246,7 +259,7 @@ class SignalDetector:
         self.profile = _Profile(self.settings.profile_days)
         self.hour = _HourAccumulator()
         self.window: deque[float] = deque(maxlen=SHIFT_READINGS)
-        self.window_ts: deque[float] = deque(maxlen=SHIFT_READINGS)
+        self.shift_window: deque[tuple[float, float]] = deque()
         self.hour_window: deque[tuple[float, float]] = deque()
         self.hour_sum_kw = 0.0
         self.pending: _PendingSpike | None = None
@@ -311,7 +324,6 @@ class SignalDetector:
         expectation = self.expectation(ts_s) if ready else None
 
         self.window.append(power_kw)
-        self.window_ts.append(ts_s)
         faulty = self._stuck(at, ts_s, power_kw, ready, out)
         faulty = self._spike(at, ts_s, power_kw, level_kw, residual_kw, ready, out) or faulty
         # PV follows the weather: a cloudy day is far below a time-of-day profile, and a
@@ -391,7 +403,9 @@ class SignalDetector:
         else:
             if "stuck" in self.open:
                 self._resolve("stuck", at, out)
-            elif self.run_length >= 2:
+            elif self.run_length >= 2 and value != 0.0 and not self.open:
+                # Zeros are never stuck, and a run inside another incident (a dropout) is
+                # not how this device naturally repeats: neither may raise the bar.
                 self.natural_runs.add(float(self.run_length))
             self.run_value = power_kw
             self.run_length = 1
@@ -431,7 +445,8 @@ class SignalDetector:
         ready: bool,
         out: list[Alert],
     ) -> bool:
-        if not ready:
+        # The bounds come from the 0.1 % tails: they mean something from 1000 residuals on.
+        if not ready or len(self.residuals) < TAIL_SAMPLES:
             return False
         _, upper_kw = self.residual_bounds()
         pending = self.pending
@@ -502,7 +517,8 @@ class SignalDetector:
         # down is a change of use, and the floor and profile rules judge it.
         # Back down to what is usual at this time of week is not a drop.
         usual_kw = expectation[0] if expectation is not None else math.inf
-        if residual_kw < lower_kw and power_kw < 0.5 * usual_kw:
+        tails_known = len(self.residuals) >= TAIL_SAMPLES
+        if tails_known and residual_kw < lower_kw and power_kw < 0.5 * usual_kw:
             dip = self.dip
             if dip is None:
                 dip = self.dip = _PendingSpike(ts_s, power_kw, level_kw, 0)
@@ -542,11 +558,17 @@ class SignalDetector:
         expectation: tuple[float, float] | None,
         out: list[Alert],
     ) -> None:
+        window = self.shift_window
+        window.append((ts_s, power_kw))
+        window_s = self.settings.shift_window_min * 60.0
+        while window[0][0] <= ts_s - window_s:
+            window.popleft()
         incident = self.open.get("level_shift")
-        if expectation is None or len(self.window) < SHIFT_READINGS:
+        if expectation is None or len(window) < 3 or ts_s - window[0][0] < 0.75 * window_s:
             return
         expected_kw, spread_kw = expectation
-        recent_kw = median(self.window)
+        ordered = sorted(value for _, value in window)
+        recent_kw = median(ordered)
         z = (recent_kw - expected_kw) / spread_kw
         limit = self.settings.shift_spreads
         if incident is not None:
@@ -559,11 +581,19 @@ class SignalDetector:
                 self._resolve("level_shift", at, out)
             return
         # A drop or a stuck value explains a deviation better than a shift does.
-        if abs(z) <= limit or "drop" in self.open or "stuck" in self.open:
+        if "drop" in self.open or "stuck" in self.open:
+            return
+        # The whole window must have moved: its lower quartile up, or its upper one down.
+        # A cooking hour or an appliance run lifts a few readings, a shift lifts them all.
+        if (quantile_of_sorted(ordered, 0.25) - expected_kw) / spread_kw > limit:
+            z = max(z, limit)
+        elif (quantile_of_sorted(ordered, 0.75) - expected_kw) / spread_kw < -limit:
+            z = min(z, -limit)
+        else:
             return
         # The shift began at the earliest of the trailing readings that are beyond the limit.
         start_s = ts_s
-        for value, value_ts in zip(reversed(self.window), reversed(self.window_ts), strict=True):
+        for value_ts, value in reversed(window):
             if (value - expected_kw) / spread_kw * math.copysign(1.0, z) <= limit:
                 break
             start_s = value_ts

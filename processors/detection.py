@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     import faust
 
 
+EXPLAINED_BY_SIGNAL = ("level_shift", "drop", "stuck", "high_consumption")
+
+
 def detection_settings(site: SiteConfig) -> DetectionSettings:
     """The site's ``[sites.detection]`` section, validated (defaults without one)."""
     return validate_section(DetectionSettings, f"sites[{site.id}].detection", site.detection or {})
@@ -53,7 +56,10 @@ class SiteDetection:
                 vampire = self.vampires[device] = VampireDetector(
                     self.site, device, kind, self.settings
                 )
-            out.extend(vampire.observe(at, power_kw))
+            # A shift, a dropout or a frozen value explains the reading better than a
+            # vampire load: the vampire detector neither fires on it nor learns from it.
+            explained = any(label in signal.open for label in EXPLAINED_BY_SIGNAL)
+            out.extend(vampire.observe(at, power_kw, explained=explained))
         return out
 
     def on_readings(self, readings: Iterable[Reading]) -> list[Alert]:

@@ -103,7 +103,9 @@ class VampireDetector:
                 return (day, index)
         return None
 
-    def observe(self, at: datetime, power_kw: float) -> list[Alert]:
+    def observe(self, at: datetime, power_kw: float, explained: bool = False) -> list[Alert]:
+        """Take one reading; ``explained`` when another incident on the device explains it
+        (a level shift): then it neither fires a vampire alert nor teaches the baseline."""
         ts_s = at.timestamp()
         if self.last_s is not None and ts_s <= self.last_s:
             return []
@@ -118,6 +120,8 @@ class VampireDetector:
         if self.period is None:
             self.period = _Period(period_key, ts_s)
         period = self.period
+        if explained:
+            period.had_incident = True
         period.times_s.append(ts_s)
         period.values_kw.append(power_kw)
         stats = self._window_medians(period)

@@ -46,8 +46,8 @@ def test_clean_series_raises_nothing() -> None:
 
 
 def test_a_spike_is_raised_when_it_returns_with_its_start_and_end() -> None:
-    values = series(4)
-    at = 3 * PER_DAY + 100
+    values = series(5)
+    at = 4 * PER_DAY + 100  # after the 1000 residuals the tails need
     values[at] += 10.0
     alerts = run(values)
     spikes = [a for a in alerts if a.alert_type == "spike"]
@@ -149,8 +149,8 @@ def test_high_consumption_over_an_hour() -> None:
 
 
 def test_ids_are_deterministic() -> None:
-    values = series(4)
-    values[3 * PER_DAY + 10] += 10.0
+    values = series(5)
+    values[4 * PER_DAY + 10] += 10.0
     assert [a.alert_id for a in run(values)] == [a.alert_id for a in run(values)]
 
 
