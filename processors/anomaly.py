@@ -168,8 +168,9 @@ class DetectionSettings(BaseModel):
     """Whole days that are idle (``["sat", "sun"]`` for an office)."""
     holidays: list[date] = Field(default_factory=list)
     """Whole idle days (local dates), also treated as weekend days by the profile."""
-    vampire_min_duration_min: PositiveFloat = 10.0
-    """A vampire load must last this long inside an idle window. [min]"""
+    vampire_min_duration_min: PositiveFloat = 30.0
+    """A vampire load must last this long inside an idle window (late-night activity
+    comes and goes within it, a load left on does not). [min]"""
     vampire_margin_kw: Annotated[float, Field(ge=0)] = 0.02
     """Smallest excess over the idle baseline that counts, whatever the spread. [kW]"""
     vampire_margin_pct: Annotated[float, Field(ge=0)] = 20.0

@@ -56,6 +56,8 @@ class _Period:
     times_s: list[float] = field(default_factory=list)
     values_kw: list[float] = field(default_factory=list)
     stats: list[tuple[float | None, ...]] = field(default_factory=list)
+    above_since: list[float | None] = field(default_factory=lambda: [None] * len(WINDOWS_MIN))
+    """Per window: since when its median has been above its line (the excess's start)."""
     had_incident: bool = False
 
 
@@ -143,16 +145,26 @@ class VampireDetector:
             for learned in self.learned_stats
             for center in (learned.quantile(0.5),)
         ]
-        for window_min, stat, line in zip(WINDOWS_MIN, stats, lines, strict=True):
+        duration_s = self.settings.vampire_min_duration_min * 60.0
+        for index, (window_min, stat, line) in enumerate(
+            zip(WINDOWS_MIN, stats, lines, strict=True)
+        ):
             if stat is None or stat <= line:
+                period.above_since[index] = None
                 continue
-            # The stretch starts at the first reading of the window above the line.
-            first_s = ts_s - window_min * 60.0
-            start_s = next(
-                t
-                for t, v in zip(period.times_s, period.values_kw, strict=True)
-                if t > first_s and v > line
-            )
+            if period.above_since[index] is None:
+                # The excess starts at the first reading of the window above the line.
+                first_s = ts_s - window_min * 60.0
+                period.above_since[index] = next(
+                    t
+                    for t, v in zip(period.times_s, period.values_kw, strict=True)
+                    if t > first_s and v > line
+                )
+            start_s = period.above_since[index]
+            assert start_s is not None
+            # Late-night cooking lasts an hour at most; a vampire load stays: it must last.
+            if ts_s - start_s < duration_s:
+                continue
             resolve_kw = [0.5 * (b + ln) for b, ln in zip(self._stat_medians(), lines, strict=True)]
             self.stretch = _Stretch(start_s, ts_s, baseline_kw, resolve_kw)
             self.stretch.peak_kw = power_kw
