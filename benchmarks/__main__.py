@@ -26,6 +26,7 @@ import orjson
 
 from ingest.replay import Replay, read_telemetry, site_batches
 from pipeline import codec, kafka, topics
+from pipeline.detector_eval import HarnessConfig, evaluate
 from pipeline.local import EmbeddedBroker, with_embedded_broker
 from pipeline.schemas import BatteryReading, PriceTick
 from pipeline.settings import BatteryConfig, ReplaySettings, SiteConfig, load_settings
@@ -336,6 +337,19 @@ def bench_sink_victoria_metrics() -> dict[str, float]:
     return {"sink_into_victoria_metrics_v2_points_per_s": statistics.median(rates)}
 
 
+def bench_detectors() -> dict[str, float]:
+    """The accuracy harness (`wattstream evaluate-detectors`): F1 and delay per label,
+    and the detectors' speed over its readings."""
+    result = evaluate(HarnessConfig())
+    out: dict[str, float] = {}
+    for label, score in result.scores.items():
+        out[f"detect {label} F1"] = score.f1
+        delay_s = score.median_delay_s
+        out[f"detect {label} median delay [min]"] = math.nan if delay_s is None else delay_s / 60
+    out["detectors [readings/s]"] = result.readings / result.detect_s
+    return out
+
+
 BENCHES: dict[str, Callable[[], dict[str, float]]] = {
     "rule": bench_rule,
     "optimal": bench_optimal,
@@ -345,6 +359,7 @@ BENCHES: dict[str, Callable[[], dict[str, float]]] = {
     "sink-encode": bench_sink_encode,
     "sink-influxdb": bench_sink_influxdb,
     "sink-victoria-metrics": bench_sink_victoria_metrics,
+    "detectors": bench_detectors,
 }
 
 
