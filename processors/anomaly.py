@@ -270,6 +270,9 @@ class SignalDetector:
         self.run_start_s = 0.0
         self.natural_runs = RollingSample(RUN_SAMPLE, refresh=1)
         self.open: dict[str, _Incident] = {}
+        self._noise: tuple[int, float] = (-1, 0.0)
+        self._bounds: tuple[tuple[int, int], tuple[float, float]] = ((-1, -1), (0.0, 0.0))
+        self._lowest: tuple[int, float] = (-1, 0.0)
 
     # --- thresholds -----------------------------------------------------------------
 
@@ -282,9 +285,18 @@ class SignalDetector:
 
     def noise_kw(self) -> float:
         """Typical change between consecutive normal readings. [kW]"""
-        return self.diffs.quantile(0.5) if len(self.diffs) else 0.0
+        if self._noise[0] != self.diffs.version:
+            self._noise = (self.diffs.version, self.diffs.quantile(0.5) if len(self.diffs) else 0.0)
+        return self._noise[1]
 
     def residual_bounds(self) -> tuple[float, float]:
+        """(lower, upper) bounds of a normal residual; cached until the samples refresh."""
+        key = (self.residuals.version, self.diffs.version)
+        if self._bounds[0] != key:
+            self._bounds = (key, self._residual_bounds())
+        return self._bounds[1]
+
+    def _residual_bounds(self) -> tuple[float, float]:
         tail = self.settings.tail_factor
         q01, q50, q99 = (self.residuals.quantile(q) for q in (0.001, 0.5, 0.999))
         # A floor of a few reading-noise steps: a device that never moved would otherwise
@@ -501,7 +513,9 @@ class SignalDetector:
         if not ready:
             return False
         lower_kw, _ = self.residual_bounds()
-        lowest_kw = self.levels.quantile(0.005)
+        if self._lowest[0] != self.levels.version:
+            self._lowest = (self.levels.version, self.levels.quantile(0.005))
+        lowest_kw = self._lowest[1]
         reasons = []
         if lowest_kw > 0 and power_kw < 0.5 * lowest_kw:
             reasons.append("below_normal_floor")

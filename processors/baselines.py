@@ -49,13 +49,15 @@ def quantile_of_sorted(ordered: Sequence[float], q: float) -> float:
 class RollingSample:
     """The last ``size`` values, with quantiles refreshed every ``refresh`` additions."""
 
-    __slots__ = ("_since", "_sorted", "refresh", "values")
+    __slots__ = ("_since", "_sorted", "refresh", "values", "version")
 
     def __init__(self, size: int, refresh: int | None = None) -> None:
         self.values: deque[float] = deque(maxlen=size)
         self.refresh = refresh or max(10, size // 20)
         self._sorted: list[float] = []
         self._since = 0
+        self.version = 0
+        """Counts the refreshes: quantiles derived from the sample can be cached per version."""
 
     def __len__(self) -> int:
         return len(self.values)
@@ -67,6 +69,7 @@ class RollingSample:
         if self._since >= self.refresh or len(self._sorted) * 2 < len(self.values):
             self._sorted = sorted(self.values)
             self._since = 0
+            self.version += 1
 
     def quantile(self, q: float) -> float:
         """The ``q`` quantile of the sample at its last refresh (raises if it is empty)."""
