@@ -100,6 +100,10 @@ TAIL_SAMPLES = 1000
 """Residuals kept per device: a week at 5-minute steps, a day and a half at 1 minute. [-]"""
 LEVEL_SAMPLE = 2000
 SHIFT_READINGS = 5
+SUNLIT_W_M2 = 50.0
+"""Irradiance above which PV output per irradiance is meaningful. [W/m2]"""
+SPIKE_RATIO = 1.5
+"""A PV spike's output per irradiance is at least this multiple of the recent one. [-]"""
 RUN_SAMPLE = 200
 """Completed natural runs of repeated values remembered per device. [-]"""
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -270,6 +274,8 @@ class SignalDetector:
         self.run_start_s = 0.0
         self.natural_runs = RollingSample(RUN_SAMPLE, refresh=1)
         self.open: dict[str, _Incident] = {}
+        self.sun_ratios: deque[float] = deque(maxlen=LOCAL_READINGS)
+        """PV output per irradiance of the last sunlit readings. [kW/(W/m2)]"""
         self._noise: tuple[int, float] = (-1, 0.0)
         self._bounds: tuple[tuple[int, int], tuple[float, float]] = ((-1, -1), (0.0, 0.0))
         self._lowest: tuple[int, float] = (-1, 0.0)
@@ -322,8 +328,10 @@ class SignalDetector:
 
     # --- the stream -------------------------------------------------------------------
 
-    def observe(self, at: datetime, power_kw: float) -> list[Alert]:
-        """Take one reading; the alerts it starts or ends."""
+    def observe(
+        self, at: datetime, power_kw: float, irradiance_w_m2: float | None = None
+    ) -> list[Alert]:
+        """Take one reading; the alerts it starts or ends. PV passes its irradiance."""
         ts_s = at.timestamp()
         if self.last_s is not None and ts_s <= self.last_s:
             return []  # a duplicate or late reading: the baselines only move forward
@@ -338,7 +346,12 @@ class SignalDetector:
 
         self.window.append(power_kw)
         faulty = self._stuck(at, ts_s, power_kw, ready, out)
-        faulty = self._spike(at, ts_s, power_kw, level_kw, residual_kw, ready, out) or faulty
+        faulty = (
+            self._spike(at, ts_s, power_kw, irradiance_w_m2, level_kw, residual_kw, ready, out)
+            or faulty
+        )
+        if irradiance_w_m2 is not None and irradiance_w_m2 >= SUNLIT_W_M2:
+            self.sun_ratios.append(power_kw / irradiance_w_m2)
         # PV follows the weather: a cloudy day is far below a time-of-day profile, and a
         # passing cloud is a dip. Its drops and lasting losses are judged against
         # irradiance by the solar detector (processors/solar.py), not here.
@@ -448,11 +461,22 @@ class SignalDetector:
         self.open["stuck"] = _Incident(alert, power_kw)
         return True
 
+    def _sunlit_jump(self, power_kw: float, irradiance_w_m2: float | None) -> bool:
+        """Whether the sun explains a PV jump: output per irradiance stayed where it was.
+
+        A gap in the clouds lifts a PV array's output several-fold for a minute; with the
+        irradiance measured, that is not a spike.
+        """
+        if irradiance_w_m2 is None or irradiance_w_m2 < SUNLIT_W_M2 or not self.sun_ratios:
+            return False
+        return power_kw / irradiance_w_m2 <= SPIKE_RATIO * median(self.sun_ratios)
+
     def _spike(
         self,
         at: datetime,
         ts_s: float,
         power_kw: float,
+        irradiance_w_m2: float | None,
         level_kw: float,
         residual_kw: float,
         ready: bool,
@@ -490,7 +514,7 @@ class SignalDetector:
             # Too long for a spike: the level has moved (the profile rules judge that), and
             # the local level must learn it, until the readings come back down.
             return pending.readings <= self.settings.spike_max_readings
-        if residual_kw > upper_kw:
+        if residual_kw > upper_kw and not self._sunlit_jump(power_kw, irradiance_w_m2):
             self.pending = _PendingSpike(ts_s, power_kw, level_kw, 1)
             # The sample learns that something reached the line (not how far beyond): an
             # event the device makes often (a home's daily oven) soon moves the line above

@@ -42,14 +42,22 @@ class SiteDetection:
         self.signals: dict[str, SignalDetector] = {}
         self.vampires: dict[str, VampireDetector] = {}
 
-    def observe(self, device: str, kind: str, at: datetime, power_kw: float) -> list[Alert]:
-        """One power reading of ``device``; the alerts it starts or ends."""
+    def observe(
+        self,
+        device: str,
+        kind: str,
+        at: datetime,
+        power_kw: float,
+        irradiance_w_m2: float | None = None,
+    ) -> list[Alert]:
+        """One power reading of ``device`` (PV with its irradiance, if measured); the alerts
+        it starts or ends."""
         if not self.settings.enabled or kind not in self.settings.kinds:
             return []
         signal = self.signals.get(device)
         if signal is None:
             signal = self.signals[device] = SignalDetector(self.site, device, kind, self.settings)
-        out = signal.observe(at, power_kw)
+        out = signal.observe(at, power_kw, irradiance_w_m2)
         if kind in CONSUMPTION_KINDS:
             vampire = self.vampires.get(device)
             if vampire is None:
@@ -67,7 +75,10 @@ class SiteDetection:
         out: list[Alert] = []
         watched = [r for r in readings if isinstance(r, HomeReading | MeterReading | SolarReading)]
         for reading in sorted(watched, key=lambda r: r.ts):
-            out.extend(self.observe(reading.device, reading.kind, reading.ts, reading.power_kw))
+            irradiance = reading.irradiance_w_m2 if isinstance(reading, SolarReading) else None
+            out.extend(
+                self.observe(reading.device, reading.kind, reading.ts, reading.power_kw, irradiance)
+            )
         return out
 
 

@@ -79,5 +79,9 @@ def _detector_alerts_over_sample() -> list[Alert]:
     alerts: list[Alert] = []
     for row in frame.iter_rows(named=True):
         engine = engines[row["site"]]
-        alerts.extend(engine.observe(row["device"], row["kind"], row["time"], row["power_kw"]))
+        alerts.extend(
+            engine.observe(
+                row["device"], row["kind"], row["time"], row["power_kw"], row["irradiance_w_m2"]
+            )
+        )
     return alerts
