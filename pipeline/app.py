@@ -14,7 +14,16 @@ import mode
 
 from pipeline import kafka, topics
 from pipeline.settings import Settings
-from processors import allocation, arbitrage, curtailment, detection, fleet, island, prices
+from processors import (
+    allocation,
+    arbitrage,
+    curtailment,
+    detection,
+    fleet,
+    island,
+    prices,
+    solar,
+)
 from sinks.influx import InfluxSink
 from sinks.webhook import WebhookSink
 
@@ -106,6 +115,7 @@ def create_app(settings: Settings, *, with_sinks: bool = False) -> faust.App:
     curtailment.register(app, settings)
     # Detectors: every site is watched with default settings unless its section says otherwise.
     detection.register(app, settings)
+    solar.register(app, settings)
     if with_sinks:
         app.service(SinkService(InfluxSink(settings)))  # type: ignore[arg-type]
         if settings.webhook.url is not None:

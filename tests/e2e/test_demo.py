@@ -14,6 +14,7 @@ import pytest
 from pipeline.schemas import Alert
 from pipeline.settings import load_settings
 from processors.detection import SiteDetection, detection_settings
+from processors.solar import detect_frame, solar_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -74,9 +75,14 @@ def test_demo_runs_to_a_summary_with_every_action(tmp_path: Path) -> None:
 def _detector_alerts_over_sample() -> list[Alert]:
     """The alert events of the sample's detectors, run over the telemetry file directly."""
     config = load_settings(SAMPLE / "wattstream.toml")
-    engines = {site.id: SiteDetection(site.id, detection_settings(site)) for site in config.sites}
     frame = pl.read_parquet(SAMPLE / "telemetry.parquet").sort("time")
     alerts: list[Alert] = []
+    for site in config.sites:
+        arrays = solar_settings(site)
+        if arrays is not None:
+            found, _ = detect_frame(frame.filter(pl.col("site") == site.id), site.id, arrays)
+            alerts += found
+    engines = {site.id: SiteDetection(site.id, detection_settings(site)) for site in config.sites}
     for row in frame.iter_rows(named=True):
         engine = engines[row["site"]]
         alerts.extend(
