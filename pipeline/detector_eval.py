@@ -14,6 +14,11 @@ random instants, each followed by at least half a day of clean data:
 * ``stuck``: 30 min to 6 h frozen at the value the window began with;
 * ``vampire``: 1-4 days with an extra 0.05, 0.1 or 0.2 kW drawn all the time.
 
+PV arrays (``solar_underperformance``) come from :mod:`pipeline.solar_eval`: pvlib
+weather from the bundled TMY, a spec the detector is told that differs from the
+simulated array, and sudden losses of 20 % and 50 %, soiling at 1 %/day and a
+degradation-like step of 8 %, each on its own array and weather seed.
+
 The sizes are in units of the home's own variability (or, for vampires, in
 kW, against a standby of about 0.1-0.3 kW), so they mean the same in a big and a
 small home; nothing here is derived from the detectors' thresholds. A vampire
@@ -33,7 +38,8 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 
 from ingest.simulators.profiles import household_load_kw
-from pipeline.schemas import AlertStatus
+from pipeline.schemas import Alert, AlertStatus
+from pipeline.solar_eval import FaultKind, evaluation_run
 from processors.anomaly import DetectionSettings
 from processors.detection import SiteDetection
 from processors.scoring import DetectedEvent, LabelledWindow, LabelScore, recall_by_size, score
@@ -43,6 +49,15 @@ SITE = "harness"
 HOUSEHOLD_TIMEZONE = "Europe/Berlin"
 """The zone of the H25 profile's hours: the homes' site settings use it."""
 KINDS = ("spike", "drop", "level_shift", "stuck", "vampire")
+SOLAR_FAULTS: tuple[tuple[FaultKind, float], ...] = (
+    ("sudden", 0.2),
+    ("sudden", 0.5),
+    ("soiling", 0.01),
+    ("degradation", 0.08),
+)
+"""PV faults (kind, loss or loss per day) of :mod:`pipeline.solar_eval`, each on its own
+array and weather."""
+LABELS = (*KINDS, "solar_underperformance")
 SPIKE_RANGES = (1.5, 2.0, 3.0)
 DROP_FACTORS = (0.0, 0.1)
 SHIFT_STDS = (3.0, 5.0)
@@ -56,6 +71,8 @@ class HarnessConfig:
     step_min: int = 5
     warmup_days: float = 14.0
     seed: int = 0
+    pv_runs: int = 3
+    """Weather seeds per PV fault kind."""
     start: datetime = datetime(2025, 1, 6, tzinfo=UTC)
     settings: DetectionSettings = field(
         default_factory=lambda: DetectionSettings(timezone=HOUSEHOLD_TIMEZONE)
@@ -175,13 +192,13 @@ def run_detectors(
         for at, power_kw in zip(series.times, series.power_kw.tolist(), strict=True):
             for alert in detection.observe(series.device, "home", at, power_kw):
                 if alert.status is AlertStatus.FIRING:
-                    detected_at = datetime.fromisoformat(str(alert.details["detected_at"]))
-                    events.append(
-                        DetectedEvent(
-                            alert.device or "", alert.alert_type, alert.start, detected_at
-                        )
-                    )
+                    events.append(_event(alert))
     return events
+
+
+def _event(alert: Alert) -> DetectedEvent:
+    detected_at = datetime.fromisoformat(str(alert.details["detected_at"]))
+    return DetectedEvent(alert.device or "", alert.alert_type, alert.start, detected_at)
 
 
 def evaluate(
@@ -206,9 +223,23 @@ def evaluate(
     started = time.perf_counter()
     events = run_detectors(series_list, config.settings)
     detect_s = time.perf_counter() - started
+    if progress:
+        progress(f"PV arrays: {len(SOLAR_FAULTS)} fault kinds x {config.pv_runs} weather seeds")
+    for index, (kind, size) in enumerate(SOLAR_FAULTS):
+        for run in range(config.pv_runs):
+            alerts, pv_windows = evaluation_run(
+                config.seed * 1000 + run,
+                kind,
+                size,
+                days=int(config.weeks * 7),
+                step_min=config.step_min,
+                device=f"pv-{index}-{run}",
+            )
+            events += [_event(a) for a in alerts if a.status is AlertStatus.FIRING]
+            windows += pv_windows
     tolerance = timedelta(minutes=30)
     return HarnessResult(
-        scores=score(events, windows, tolerance, labels=KINDS),
+        scores=score(events, windows, tolerance, labels=LABELS),
         by_size=recall_by_size(events, windows, tolerance),
         readings=sum(len(s.times) for s in series_list),
         detect_s=detect_s,

@@ -231,12 +231,15 @@ def evaluation_run(
     days: int = 56,
     step_min: int = 5,
     settings: SolarSettings | None = None,
+    device: str = "pv-1",
 ) -> tuple[list[Alert], list[LabelledWindow]]:
     """Simulate (see :func:`simulate`), run the detector as the stream would, and return
     the alerts (firing and resolved) and the labelled windows, for the accuracy harness."""
     with warnings.catch_warnings():
         # pvlib 0.16 calls pandas APIs that pandas 3.1 deprecates (e.g. dayofyear).
         warnings.filterwarnings("ignore", module=r"pvlib\.")
-        simulation = simulate(seed, kind=kind, size=size, days=days, step_min=step_min)
+        simulation = simulate(
+            seed, kind=kind, size=size, days=days, step_min=step_min, device=device
+        )
     alerts, _ = detect_frame(simulation.frame, "eval", settings or simulation.settings)
     return alerts, simulation.windows

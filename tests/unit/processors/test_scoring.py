@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pipeline.detector_eval import KINDS, HarnessConfig, evaluate
+from pipeline.detector_eval import LABELS, HarnessConfig, evaluate
 from processors.scoring import DetectedEvent, LabelledWindow, score
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -66,7 +66,7 @@ def test_the_harness_injects_every_kind_and_is_deterministic(small_run: object) 
     assert small_run.scores == again.scores  # type: ignore[attr-defined]
     assert small_run.by_size == again.by_size  # type: ignore[attr-defined]
     scores = small_run.scores  # type: ignore[attr-defined]
-    assert set(scores) == set(KINDS)
+    assert set(scores) == set(LABELS)
     assert sum(s.windows for s in scores.values()) >= 8
     assert small_run.readings == 2 * int(3.5 * 7 * 288)  # type: ignore[attr-defined]
 
