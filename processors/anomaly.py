@@ -100,6 +100,7 @@ TAIL_SAMPLES = 1000
 """Residuals kept per device: a week at 5-minute steps, a day and a half at 1 minute. [-]"""
 LEVEL_SAMPLE = 2000
 SHIFT_READINGS = 5
+SHIFT_MIN_READINGS = 4
 SUNLIT_W_M2 = 50.0
 """Irradiance above which PV output per irradiance is meaningful. [W/m2]"""
 SPIKE_RATIO = 1.5
@@ -600,10 +601,16 @@ class SignalDetector:
         window = self.shift_window
         window.append((ts_s, power_kw))
         window_s = self.settings.shift_window_min * 60.0
-        while window[0][0] <= ts_s - window_s:
+        # At least four readings, whatever the step: at 15-minute steps two or three are
+        # one cooking hour, not "the whole window".
+        while len(window) > SHIFT_MIN_READINGS and window[0][0] <= ts_s - window_s:
             window.popleft()
         incident = self.open.get("level_shift")
-        if expectation is None or len(window) < 3 or ts_s - window[0][0] < 0.75 * window_s:
+        if (
+            expectation is None
+            or len(window) < SHIFT_MIN_READINGS
+            or ts_s - window[0][0] < 0.75 * window_s
+        ):
             return
         expected_kw, spread_kw = expectation
         ordered = sorted(value for _, value in window)
