@@ -245,3 +245,26 @@ def test_idle_windows_over_midnight_and_idle_days() -> None:
     assert detector.idle_period(saturday_night.timestamp()) is None
     assert detector.idle_period(sunday_noon.timestamp()) is not None
     assert detector.idle_period(holiday_noon.timestamp()) is not None
+
+
+def test_a_level_shift_is_found_at_quarter_hour_steps() -> None:
+    """At 15-minute steps half an hour holds two readings: the window takes four."""
+    rng = np.random.default_rng(2)
+    step = timedelta(minutes=15)
+    n = 8 * 96
+    hours = np.arange(n) / 4
+    values = list(
+        (1.0 + 0.3 * np.sin(2 * math.pi * hours / 24)) * (1 + 0.05 * rng.standard_normal(n))
+    )
+    at = 7 * 96 + 20
+    for k in range(at, at + 16):
+        values[k] += 1.5
+    detector = SignalDetector("s", "d", "home")
+    alerts: list[Alert] = []
+    for k, value in enumerate(values):
+        alerts.extend(detector.observe(START + k * step, value))
+    shifts = firing(alerts, "level_shift")
+    assert len(shifts) == 1
+    assert START + at * step <= shifts[0].start
+    detected_at = datetime.fromisoformat(str(shifts[0].details["detected_at"]))
+    assert START + (at + 2) * step <= detected_at <= START + (at + 3) * step
