@@ -3,21 +3,32 @@
 A site is idle at configured times (``[sites.detection] idle`` windows such as
 01:00-05:00, ``idle_days`` such as the weekend of an office, ``holidays``).
 What a device draws then is its standby: fridge, router, alarm, heat pump
-circulation. The **idle baseline** is the median, over the last
-``BASELINE_PERIODS`` idle periods without an incident, of each period's median
-power; its **spread** is the MAD of those medians. A period with a vampire
-load does not teach the baseline, so a load left on for weeks stays an alert.
+circulation.
 
-Inside an idle period, the detector follows the median of the last three
-readings (one fridge compressor start is not a vampire). When that median is
-above ``baseline + margin``, with ``margin = max(vampire_margin_kw,
-vampire_margin_pct x baseline, 3 x spread)``, for ``vampire_min_duration_min``,
-a ``vampire`` alert fires; it starts at the first reading of the stretch and
-resolves when the median is back under ``baseline + margin / 2`` or the idle
-period ends. The resolved event carries the estimated wasted energy (the
-excess over the baseline integrated over the stretch) and its cost at
-``price_per_kwh``; the firing event carries the rate (excess kW, and cost per
-idle hour).
+Inside an idle period the detector follows the **floor** (lower quartile) of
+the readings of the last 30 minutes and of the last 2 hours (``WINDOWS_MIN``):
+a load left on lifts every reading, the quietest too, while appliance runs and
+late cooking lift only some. Each window's floor is compared with a **line**
+learned from the same statistic in earlier idle periods without an incident:
+its median plus ``TAIL_FACTOR`` times its median-to-99.5th-percentile span, and
+at least ``vampire_margin_kw`` and ``vampire_margin_pct`` of the idle baseline
+above that median. The short window finds a big load in about half an hour,
+the long one a small load that only stands out of the noise over hours.
+
+A window's floor above its line for ``vampire_min_duration_min`` (the window
+itself counting for three quarters of its length: its floor above the line
+means most of it was) raises a ``vampire`` alert, one per idle period. It
+starts when the floor crossed the line (later than the load, never before it
+on noise) and resolves when every floor is back under the midpoint between the
+usual and the line, or when the idle period ends. The firing event carries the
+excess kW and its cost per idle hour; the resolved one the wasted energy (the
+excess over the idle baseline integrated over the incident) and its cost at
+``price_per_kwh``.
+
+A period with an incident does not teach the baseline, so a load left on for
+weeks stays an alert every night; a period whose excess another incident
+explains (a level shift, a drop, a stuck value: the caller says so) neither
+fires nor teaches.
 
 Plain Python (no Faust import).
 """
@@ -31,20 +42,23 @@ from datetime import UTC, date, datetime
 from pipeline.schemas import Alert, Severity
 from processors.alerting import firing, resolved
 from processors.anomaly import WEEKDAYS, DetectionSettings
-from processors.baselines import LocalClock, RollingSample, median
+from processors.baselines import LocalClock, RollingSample, quantile_of_sorted
 
 MIN_BASELINE_PERIODS = 3
 MIN_PERIOD_READINGS = 3
 """An idle period with fewer readings than this does not teach the baseline. [-]"""
 IDLE_SAMPLE = 2000
-"""Idle readings and window medians remembered: two weeks of 4-hour nights at 5-minute
+"""Idle readings and window floors remembered: two weeks of 4-hour nights at 5-minute
 steps. [-]"""
 WINDOWS_MIN = (30.0, 120.0)
-"""The windows whose median power is watched: a big vampire load shows in half an hour, a
-small one needs two hours of readings to stand out of the noise. [min]"""
+"""The windows whose floor is watched: a big vampire load shows in half an hour, a small
+one needs two hours of readings to stand out of the noise. [min]"""
+FLOOR_QUANTILE = 0.25
+"""The statistic of a window is its lower quartile: a load left on lifts every reading,
+the quietest too, while appliance runs and late cooking lift only some. [-]"""
 TAIL_FACTOR = 1.5
-"""Lines sit at the median of the window medians plus this many times their 0.5 %-50 %
-spread: beyond the highest the device reached in normal idle hours. [-]"""
+"""Lines sit at the median of the learned window floors plus this many times their
+median-to-99.5 % span: beyond the highest the device reached in normal idle hours. [-]"""
 
 
 @dataclass
@@ -57,7 +71,7 @@ class _Period:
     values_kw: list[float] = field(default_factory=list)
     stats: list[tuple[float | None, ...]] = field(default_factory=list)
     above_since: list[float | None] = field(default_factory=lambda: [None] * len(WINDOWS_MIN))
-    """Per window: since when its median has been above its line (the excess's start)."""
+    """Per window: since when its floor has been above its line (the incident's start)."""
     had_incident: bool = False
 
 
@@ -67,7 +81,7 @@ class _Stretch:
     detected_s: float
     baseline_kw: float
     resolve_kw: list[float]
-    """Below these window medians the excess is over."""
+    """Below these window floors the excess is over."""
     excess_kwh: float = 0.0
     peak_kw: float = 0.0
     alert: Alert | None = None
@@ -126,7 +140,7 @@ class VampireDetector:
             period.had_incident = True
         period.times_s.append(ts_s)
         period.values_kw.append(power_kw)
-        stats = self._window_medians(period)
+        stats = self._window_floors(period)
         period.stats.append(stats)
         stretch = self.stretch
         if stretch is not None:
@@ -153,27 +167,24 @@ class VampireDetector:
                 period.above_since[index] = None
                 continue
             if period.above_since[index] is None:
-                # The excess starts at the first reading of the window above the line.
-                first_s = ts_s - window_min * 60.0
-                period.above_since[index] = next(
-                    t
-                    for t, v in zip(period.times_s, period.values_kw, strict=True)
-                    if t > first_s and v > line
-                )
+                # The incident starts when the window's floor crossed the line: later than
+                # the load itself (by up to the window), never before it on noise.
+                period.above_since[index] = ts_s
             start_s = period.above_since[index]
             assert start_s is not None
-            # Late-night cooking lasts an hour at most; a vampire load stays: it must last.
-            if ts_s - start_s < duration_s:
+            # The window's floor above the line means most of the window was: that counts
+            # towards the duration a vampire load must last (late cooking does not).
+            if ts_s - start_s + 0.75 * window_min * 60.0 < duration_s:
                 continue
-            resolve_kw = [0.5 * (b + ln) for b, ln in zip(self._stat_medians(), lines, strict=True)]
+            resolve_kw = [0.5 * (b + ln) for b, ln in zip(self._usual_floors(), lines, strict=True)]
             self.stretch = _Stretch(start_s, ts_s, baseline_kw, resolve_kw)
             self.stretch.peak_kw = power_kw
             self._fire(at, stat, baseline_kw, window_min, self.stretch, out)
             break
         return out
 
-    def _window_medians(self, period: _Period) -> tuple[float | None, ...]:
-        """The median of each window's readings, once the period has lasted that long."""
+    def _window_floors(self, period: _Period) -> tuple[float | None, ...]:
+        """The floor of each window's readings, once the period has lasted that long."""
         now_s = period.times_s[-1]
         out: list[float | None] = []
         for window_min in WINDOWS_MIN:
@@ -182,10 +193,10 @@ class VampireDetector:
                 out.append(None)  # the period has not covered this window yet
                 continue
             index = bisect.bisect_right(period.times_s, first_s)
-            out.append(median(period.values_kw[index:]))
+            out.append(quantile_of_sorted(sorted(period.values_kw[index:]), FLOOR_QUANTILE))
         return tuple(out)
 
-    def _stat_medians(self) -> list[float]:
+    def _usual_floors(self) -> list[float]:
         return [learned.quantile(0.5) for learned in self.learned_stats]
 
     def _min_excess_kw(self, baseline_kw: float) -> float:
@@ -219,7 +230,7 @@ class VampireDetector:
             severity=Severity.WARNING,
             subject=f"{self.device}: vampire load in idle hours",
             message=(
-                f"{self.device} draws {stat_kw:.3f} kW (median of {window_min:g} min) in idle "
+                f"{self.device} draws {stat_kw:.3f} kW (floor of {window_min:g} min) in idle "
                 f"hours where its standby is {baseline_kw:.3f} kW: {excess_kw:.3f} kW wasted, "
                 f"{excess_kw * settings.price_per_kwh:.3f} {settings.currency} per idle hour"
             ),
