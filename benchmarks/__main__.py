@@ -24,6 +24,7 @@ from pathlib import Path
 
 import orjson
 
+from benchmarks.scram import bench_scram_latency
 from ingest.replay import Replay, read_telemetry, site_batches
 from pipeline import codec, kafka, topics
 from pipeline.detector_eval import HarnessConfig, evaluate
@@ -360,6 +361,7 @@ BENCHES: dict[str, Callable[[], dict[str, float]]] = {
     "sink-influxdb": bench_sink_influxdb,
     "sink-victoria-metrics": bench_sink_victoria_metrics,
     "detectors": bench_detectors,
+    "scram": bench_scram_latency,
 }
 
 

@@ -22,6 +22,7 @@ from processors import (
     fleet,
     island,
     prices,
+    scram,
     solar,
 )
 from sinks.influx import InfluxSink
@@ -116,6 +117,9 @@ def create_app(settings: Settings, *, with_sinks: bool = False) -> faust.App:
     # Detectors: every site is watched with default settings unless its section says otherwise.
     detection.register(app, settings)
     solar.register(app, settings)
+    # Every site's fusion readings get SCRAM protection (defaults without a [sites.fusion]
+    # section; only `enabled = false` turns it off).
+    scram.register(app, settings)
     if with_sinks:
         app.service(SinkService(InfluxSink(settings)))  # type: ignore[arg-type]
         if settings.webhook.url is not None:
