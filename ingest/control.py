@@ -13,7 +13,9 @@ Decisions become commands on the ``commands`` topic; this connector consumes the
    device's safe states;
 3. **rate-limits** it: at most one command per device per ``min_interval_s``. A newer
    command that arrives within the interval *replaces* the pending one (a setpoint is
-   state: only the latest matters), which is audited as *rate-limited*;
+   state: only the latest matters), which is audited as *rate-limited*. ``scram`` and
+   ``shed`` (``SAFETY_ACTIONS``) are applied at once whatever the interval, and no
+   ordinary command replaces one that is pending;
 4. **applies** it, or only logs what it would send (**dry-run**). Dry-run is the
    default: a command is sent only when ``enabled = true`` *and* the command itself is
    not marked ``dry_run`` (two keys, like a two-man rule; ``respect_command_dry_run =
@@ -116,6 +118,9 @@ COMPONENT = "ingest.control"
 
 ActionName = Literal["set_power", "shed", "restore", "scram", "start_job", "stop_job"]
 ACTIONS: tuple[str, ...] = ("set_power", "shed", "restore", "scram", "start_job", "stop_job")
+SAFETY_ACTIONS: frozenset[str] = frozenset({"scram", "shed"})
+"""Actions that put a device in its safe state: applied at once, whatever the rate limit,
+and never superseded by an ordinary command while pending."""
 
 AUDIT_TOPIC = "wattstream.commands-audit"
 
@@ -562,18 +567,27 @@ class RateLimit(Generic[T]):
     def __init__(self, min_interval_s: float) -> None:
         self.min_interval_s = min_interval_s
         self.pending: T | None = None
+        self.pending_urgent = False
         self.last_taken_at: float | None = None
 
-    def offer(self, item: T) -> T | None:
-        """Make ``item`` the pending one; returns the one it replaced, if any."""
+    def offer(self, item: T, urgent: bool = False) -> T | None:
+        """Make ``item`` the pending one; returns the one that lost, if any.
+
+        An ``urgent`` item (a SCRAM, a shed: a device's safe state) is due at once,
+        whatever the interval, and no ordinary item replaces it: an ordinary offer
+        while an urgent one is pending is the one that loses.
+        """
+        if self.pending_urgent and not urgent:
+            return item
         replaced, self.pending = self.pending, item
+        self.pending_urgent = urgent
         return replaced
 
     def due_at(self) -> float | None:
         """When the pending item may be taken (-inf: now); None when nothing is pending."""
         if self.pending is None:
             return None
-        if self.last_taken_at is None:
+        if self.last_taken_at is None or self.pending_urgent:
             return -math.inf
         return self.last_taken_at + self.min_interval_s
 
@@ -583,6 +597,7 @@ class RateLimit(Generic[T]):
         if due is None or now < due:
             return None
         item, self.pending = self.pending, None
+        self.pending_urgent = False
         self.last_taken_at = now
         return item
 
@@ -1228,11 +1243,19 @@ class ControlConnector:
             await self._audit(audit_record(command, result.outcome, result.detail), ref)
             return
         state = self._devices[(command.site, command.device)]
-        replaced = state.limit.offer(_Pending(result, ref))
+        replaced = state.limit.offer(_Pending(result, ref), urgent=command.action in SAFETY_ACTIONS)
         state.wakeup.set()
         if replaced is not None:
             interval = f"min_interval_s = {state.config.min_interval_s:g}"
             detail = f"superseded by {command.command_id} within {interval}"
+            if replaced.plan.command is command:
+                standing = state.limit.pending
+                assert standing is not None
+                detail = (
+                    f"held back: {standing.plan.command.action} "
+                    f"{standing.plan.command.command_id} is pending and a safety action is "
+                    "not superseded"
+                )
             await self._audit(
                 audit_record(
                     replaced.plan.command,

@@ -539,6 +539,45 @@ async def test_a_burst_to_one_device_is_rate_limited_and_the_latest_wins(
     assert all("superseded by" in r.reason and r.dry_run for r in superseded)
 
 
+async def test_a_scram_is_applied_at_once_whatever_the_rate_limit(
+    settings: Settings, modbus: ControlServer, mosquitto: Mosquitto
+) -> None:
+    """A device allowing one write per minute: a setpoint goes, then a SCRAM does not wait
+    out the minute, and a setpoint that follows it cannot supersede it."""
+    battery = {
+        **devices(modbus, mosquitto, "unused")[0],
+        "min_setpoint_kw": -20.0,
+        "max_setpoint_kw": 20.0,
+        "min_interval_s": 60.0,
+    }
+    config = ControlConfig.model_validate({"enabled": True, "devices": [battery]})
+    setpoint = command("bat-1", 5.0, 0)
+    scram = command("bat-1", None, 1, action="scram")
+    after = command("bat-1", 7.0, 2)
+    connector = ControlConnector(settings, config)
+    async with running(connector):
+
+        async def audited(count: int) -> bool:
+            return len(await audits(settings, connector)) >= count
+
+        await send_commands(settings, [setpoint])
+        await eventually(lambda: audited(1))
+        started = time.monotonic()
+        await send_commands(settings, [scram, after])
+        await eventually(lambda: audited(3))
+        waited_s = time.monotonic() - started
+    by_id = {r.command_id: r for r in await audits(settings, connector)}
+    assert audit_outcome(by_id[setpoint.command_id]) == Outcome.SENT
+    assert audit_outcome(by_id[scram.command_id]) == Outcome.SENT
+    held = by_id[after.command_id]
+    assert audit_outcome(held) == Outcome.RATE_LIMITED and "held back" in held.reason
+    assert waited_s < 30.0  # not the 60 s interval
+    address_704, model_704 = await read_model(modbus, 1, 704)
+    writes = modbus.writes_to(1, address_704 + sunspec.load_model(704).point("WSet").offset)
+    assert len(writes) == 2
+    assert model_704["WSet"] == 0.0  # the safe state, not the later setpoint
+
+
 async def test_a_device_that_does_not_answer_fails_after_retries_and_the_stream_goes_on(
     settings: Settings, modbus: ControlServer, mosquitto: Mosquitto
 ) -> None:

@@ -4,6 +4,7 @@ with replace-pending semantics, dry-run by default and the audit records."""
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -291,6 +292,20 @@ def test_a_burst_never_gives_more_takes_than_the_interval_allows() -> None:
     assert [t for t, _ in taken] == pytest.approx([0.0, 1.0, 2.0])
     assert all(b - a >= 1.0 - 1e-9 for (a, _), (b, _) in itertools.pairwise(taken))
     assert len(taken) + superseded + (limit.pending is not None) == 300
+
+
+def test_a_scram_goes_at_once_and_is_never_superseded() -> None:
+    limit: RateLimit[str] = RateLimit(min_interval_s=10.0)
+    limit.offer("setpoint")
+    assert limit.take(0.0) == "setpoint"
+    assert limit.offer("setpoint-2") is None  # waits for the interval
+    assert limit.offer("scram", urgent=True) == "setpoint-2"
+    assert limit.due_at() == -math.inf  # the interval does not hold a safe state back
+    assert limit.offer("setpoint-3") == "setpoint-3"  # loses: the scram stands
+    assert limit.pending == "scram"
+    assert limit.take(0.1) == "scram"
+    assert limit.offer("setpoint-4") is None  # ordinary again, and rate-limited again
+    assert limit.due_at() == pytest.approx(10.1)
 
 
 def test_zero_interval_sends_every_command() -> None:
