@@ -11,9 +11,10 @@ by site must return nothing for a site that has no data (a filter that does not 
 How the data gets there: the bundled sample (data/sample) is replayed through the price
 fan-out and arbitrage agents and the InfluxDB sink, in this process as ``wattstream demo``
 runs them, so telemetry, prices and real arbitrage decisions flow. The processors that
-will produce carbon intensity, alerts (among them a fusion SCRAM, vampire loads and a
-patent alert), allocation plans, emissions, certificate events and commands come in later
-issues, and no connector here produces home, EV or fusion telemetry from the sample:
+will produce carbon intensity, some alerts (vampire loads, a patent alert), allocation
+plans, emissions, certificate events and commands come in later issues (the fusion SCRAM
+is raised by the real SCRAM agent from the simulator's quench shot), and no connector here
+produces home, EV or fusion telemetry from the sample:
 **schema-valid messages built from ``pipeline.schemas`` models stand in for them** on their
 Kafka topics (home, EV and fusion readings from the project's own simulators). They go
 through the same real sink into the same real InfluxDB as everything else.
@@ -35,7 +36,7 @@ import polars as pl
 import pytest
 import yaml
 
-from ingest.simulators.fusion import SAFE_BANDS, fusion_series, safety_violations
+from ingest.simulators.fusion import fusion_series, safety_violations
 from ingest.simulators.profiles import EvConfig, ev_state, household_load_kw
 from pipeline import codec, kafka, topics
 from pipeline.dashboards import (
@@ -306,7 +307,7 @@ def _alert_pair(
     return [firing, resolved]
 
 
-def alerts_and_commands(fusion_onset: datetime, fusion_violation: FusionReading) -> Produced:
+def alerts_and_commands() -> Produced:
     out: Produced = []
     for n, site in enumerate(SITES):
         day = WEEK_START + timedelta(days=1 + n)
@@ -370,34 +371,7 @@ def alerts_and_commands(fusion_onset: datetime, fusion_violation: FusionReading)
         )
         out.append((topics.COMMANDS, site, shed))
 
-    scram = _alert_pair(
-        FUSION_SITE,
-        "tokamak-1",
-        "scram",
-        Severity.CRITICAL,
-        fusion_violation.ts,
-        timedelta(minutes=10),
-        "SCRAM: " + ", ".join(safety_violations(fusion_violation)),
-        observed=fusion_violation.confinement_stability,
-        expected=SAFE_BANDS.stability_min,
-    )
-    out.extend((topics.ALERTS, FUSION_SITE, alert) for alert in scram)
-    out.append(
-        (
-            topics.COMMANDS,
-            FUSION_SITE,
-            Command(
-                command_id=stable_id("cmd", FUSION_SITE, "scram"),
-                site=FUSION_SITE,
-                device="tokamak-1",
-                action="scram",
-                reason=f"fault onset {fusion_onset.isoformat()}",
-                issued_at=fusion_violation.ts,
-                dry_run=False,
-                source_id=scram[0].alert_id,
-            ),
-        )
-    )
+    # The SCRAM alert and command come from the real SCRAM agent on the fusion telemetry.
     for patent_day in (0, 4):
         out.extend(
             (topics.ALERTS, FUSION_SITE, alert)
@@ -558,7 +532,7 @@ async def _load(settings: Settings) -> None:
             *carbon_intensities(),
             *emissions_and_plans(),
             *certificate_events(),
-            *alerts_and_commands(*quench()),
+            *alerts_and_commands(),
         ],
     )
     # The replay, the agents and the sink, as `wattstream demo` runs them; the sink also
@@ -707,7 +681,8 @@ def test_scram_annotation_marks_the_fault_of_the_quench_shot(loaded: Loaded) -> 
     ((at_ms, subject, _message, severity),) = series["values"]
     _, violation = quench()
     assert at_ms == pytest.approx(violation.ts.timestamp() * 1000, abs=1)
-    assert subject.startswith("SCRAM: ") and severity == "critical"
+    # Raised by the real SCRAM agent at the shot's first reading outside the safe bands.
+    assert subject == "SCRAM tokamak-1" and severity == "critical"
 
 
 def test_one_site_sees_less_than_all_sites(loaded: Loaded) -> None:
