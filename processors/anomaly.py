@@ -6,13 +6,15 @@ and learns, from the past only, three robust baselines:
 
 * **Local level**: the median of the last ``LOCAL_READINGS`` normal readings,
   and the distribution of each reading's residual from it (a rolling sample of
-  ``RESIDUAL_SAMPLE`` residuals). Its upper and lower thresholds are
-  *tail-scaled*: ``q50 + tail_factor * (q99 - q50)`` and
-  ``q50 - tail_factor * (q50 - q01)``. For Gaussian noise ``q99 - q50`` is
-  2.33 sigma, so a factor of 3 puts a threshold at 7 sigma; for a household's
-  heavy-tailed load (kettles, ovens) the same factor puts it beyond the
-  appliance jumps that device shows every day. The threshold adapts to each
-  device's own noise: no number in kW is tuned to a dataset.
+  ``RESIDUAL_SAMPLE`` residuals). Its upper and lower bounds are
+  *tail-scaled*: ``q50 + tail_factor * (q99.9 - q50)`` and
+  ``q50 - tail_factor * (q50 - q0.1)``, used once ``TAIL_SAMPLES`` residuals
+  say what a 0.1 % tail is. The 99.9th percentile is the largest jump the
+  device makes in normal use (a household's oven with the kettle on), and the
+  factor (1.25) a margin beyond it: the bound adapts to each device's own
+  behaviour, no number in kW is tuned to a dataset. A reading past the upper
+  bound adds the bound itself to the sample, so an event the device makes
+  often soon raises the bound above itself, while a rare fault leaves it.
 * **Time-of-week profile**: the hourly mean power per local hour and day type
   (weekday or weekend/holiday: the time of week that matters for energy use,
   learnable in days rather than the months 168 hour-of-week slots need), over
@@ -25,18 +27,22 @@ and learns, from the past only, three robust baselines:
 
 Rules (``label`` is the alert type, and the label `wattstream detect` scores):
 
-* ``spike``: a reading above the local level by more than the upper threshold
+* ``spike``: a reading above the local level by more than the upper bound
   that returns below half of it within ``spike_max_readings``. Raised when it
   returns (one reading late) with start and end; a rise that does not return
-  is not a spike (the profile rule judges it).
-* ``drop``: a reading below the lower threshold of the local level, or below
+  is not a spike (the profile rule judges it). For PV with its irradiance, a
+  jump the irradiance shows too (a gap in the clouds) is not a spike.
+* ``drop``: a short dip below the lower bound of the local level (and below
+  half the profile's expectation: coming back down to the usual is no drop), or below
   half the device's lowest normal level (its 0.5 % quantile, for devices that
   never go negative), or below a quarter of the profile's expectation and out
   of its band. Raised at once; resolved when readings are back.
-* ``level_shift``: the median of the last ``SHIFT_READINGS`` readings is more
-  than ``shift_spreads`` profile spreads from the expectation (a sustained
-  step, or a drift once it has moved that far). A median of 5 is immune to
-  spikes of up to 2 readings. Resolved when the median is back within half.
+* ``level_shift``: the readings of the last ``shift_window_min`` (at least
+  ``SHIFT_MIN_READINGS``) have all moved more than ``shift_spreads`` profile
+  spreads from the expectation: their lower quartile above it, or their upper
+  quartile below it (a step, or a drift once it has moved that far). A cooking
+  hour lifts some readings of a window, a shift lifts them all. Resolved when
+  the window's median is back within half.
 * ``stuck``: the same non-zero value for at least ``max(stuck_min_readings, 1 +
   2 x the longest natural run seen)`` readings. Zero is not "stuck": PV at night
   and an idle load are legitimately zero, and a fall to zero is a drop. Starts
@@ -305,11 +311,11 @@ class SignalDetector:
 
     def _residual_bounds(self) -> tuple[float, float]:
         tail = self.settings.tail_factor
-        q01, q50, q99 = (self.residuals.quantile(q) for q in (0.001, 0.5, 0.999))
+        q_low, q50, q_high = (self.residuals.quantile(q) for q in (0.001, 0.5, 0.999))
         # A floor of a few reading-noise steps: a device that never moved would otherwise
         # flag its first quantisation step.
         floor = max(4.0 * self.noise_kw(), 1e-3)
-        return q50 - max(tail * (q50 - q01), floor), q50 + max(tail * (q99 - q50), floor)
+        return q50 - max(tail * (q50 - q_low), floor), q50 + max(tail * (q_high - q50), floor)
 
     def day_type(self, ts_s: float) -> int:
         weekday = self.clock.weekday(ts_s)
