@@ -8,6 +8,7 @@ used (with the reason and the original bytes) and let the stream go on.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import faust
@@ -15,7 +16,7 @@ import mode
 from pydantic import BaseModel
 
 from pipeline import codec, topics
-from pipeline.schemas import TelemetryBatch, dead_letter
+from pipeline.schemas import Alert, Command, TelemetryBatch, dead_letter
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -96,3 +97,43 @@ async def decode_telemetry_event(event: Any, dlq: DeadLetters) -> TelemetryBatch
     for part in rejected:
         await dlq.reject(event, part.reason, part.error_type, raw=part.raw)
     return batch
+
+
+OUTPUT_TOPICS: dict[type[BaseModel], topics.TopicSpec] = {
+    Alert: topics.ALERTS,
+    Command: topics.COMMANDS,
+}
+"""Where a site agent's outputs go, by message type."""
+
+
+def site_telemetry_agent(
+    app: faust.App,
+    settings: Settings,
+    name: str,
+    sites: Collection[str],
+    step: Callable[[str, TelemetryBatch], Sequence[Alert | Command]],
+) -> None:
+    """An agent that feeds each telemetry batch of ``sites`` to ``step`` and sends what it
+    returns (alerts to the alerts topic, commands to the commands topic), in order.
+
+    ``step(site, batch)`` is the processor's engine, with its table reads and writes
+    (Faust tables are read and written synchronously). Undecodable telemetry is skipped:
+    the arbitrage agent reads the same records and dead-letters them once.
+    """
+    source = raw_topic(app, settings, topics.TELEMETRY)
+    outputs = {kind: raw_topic(app, settings, spec) for kind, spec in OUTPUT_TOPICS.items()}
+    watched = frozenset(sites)
+
+    async def agent(stream: Any) -> None:
+        async for event in stream.events():
+            message = event.message
+            site = (message.key or b"").decode("utf-8", "replace")
+            if site not in watched:
+                continue
+            batch, _ = codec.decode_telemetry(message.value)
+            if batch is None or batch.site != site:
+                continue  # dead-lettered by the arbitrage agent
+            for item in step(site, batch):
+                await outputs[type(item)].send(key=site.encode(), value=codec.encode(item))
+
+    app.agent(source, name=name, supervisor_strategy=AGENT_SUPERVISOR)(agent)

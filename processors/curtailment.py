@@ -112,7 +112,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline import codec, topics
 from pipeline.schemas import (
     Alert,
     BatteryReading,
@@ -120,6 +119,7 @@ from pipeline.schemas import (
     Identifier,
     Reading,
     Severity,
+    TelemetryBatch,
     stable_id,
 )
 from pipeline.settings import Settings, SiteConfig, validate_section
@@ -1069,16 +1069,13 @@ def register(app: faust.App, settings: Settings) -> None:
     start-up. Undecodable telemetry is skipped silently: the arbitrage agent consumes the
     same records and dead-letters them once.
     """
-    from pipeline.streams import AGENT_SUPERVISOR, raw_topic
+    from pipeline.streams import site_telemetry_agent
 
     engines = {
         site.id: CurtailmentEngine(cfg)
         for site in settings.sites
         if (cfg := curtailment_settings(site)) is not None
     }
-    source = raw_topic(app, settings, topics.TELEMETRY)
-    commands_topic = raw_topic(app, settings, topics.COMMANDS)
-    alerts_topic = raw_topic(app, settings, topics.ALERTS)
     table = app.Table(
         f"{settings.app_id}-curtailment-state",
         default=None,
@@ -1086,20 +1083,10 @@ def register(app: faust.App, settings: Settings) -> None:
         help="Per-site curtailment state: latest powers, open incidents, device adjustments.",
     )
 
-    @app.agent(source, name=f"{__name__}.curtailment", supervisor_strategy=AGENT_SUPERVISOR)
-    async def curtailment(stream: Any) -> None:
-        async for event in stream.events():
-            message = event.message
-            site = (message.key or b"").decode("utf-8", "replace")
-            engine = engines.get(site)
-            if engine is None:
-                continue
-            batch, _ = codec.decode_telemetry(message.value)
-            if batch is None or batch.site != site:
-                continue  # dead-lettered by the arbitrage agent
-            state = CurtailmentState.from_json(table.get(site))
-            out = engine.on_readings(state, batch.readings)
-            table[site] = state.to_json()
-            for item in out:
-                target = alerts_topic if isinstance(item, Alert) else commands_topic
-                await target.send(key=site.encode(), value=codec.encode(item))
+    def step(site: str, batch: TelemetryBatch) -> list[Alert | Command]:
+        state = CurtailmentState.from_json(table.get(site))
+        out = engines[site].on_readings(state, batch.readings)
+        table[site] = state.to_json()
+        return out
+
+    site_telemetry_agent(app, settings, f"{__name__}.curtailment", engines, step)

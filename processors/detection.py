@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from pipeline import codec, topics
-from pipeline.schemas import Alert, HomeReading, MeterReading, Reading, SolarReading
+from pipeline.schemas import Alert, HomeReading, MeterReading, Reading, SolarReading, TelemetryBatch
 from pipeline.settings import Settings, SiteConfig, validate_section
 from processors.anomaly import CONSUMPTION_KINDS, DetectionSettings, SignalDetector
 from processors.vampire import VampireDetector
@@ -92,26 +91,15 @@ def register(app: faust.App, settings: Settings) -> None:
     The baselines live in the worker's memory: after a restart or a rebalance a device
     learns again (``warmup_h``) before it raises alerts.
     """
-    from pipeline.streams import AGENT_SUPERVISOR, raw_topic
+    from pipeline.streams import site_telemetry_agent
 
     engines = {
         site.id: SiteDetection(site.id, cfg)
         for site in settings.sites
         if (cfg := detection_settings(site)).enabled
     }
-    source = raw_topic(app, settings, topics.TELEMETRY)
-    alerts_topic = raw_topic(app, settings, topics.ALERTS)
 
-    @app.agent(source, name=f"{__name__}.detection", supervisor_strategy=AGENT_SUPERVISOR)
-    async def detection(stream: Any) -> None:
-        async for event in stream.events():
-            message = event.message
-            site = (message.key or b"").decode("utf-8", "replace")
-            engine = engines.get(site)
-            if engine is None:
-                continue
-            batch, _ = codec.decode_telemetry(message.value)
-            if batch is None or batch.site != site:
-                continue  # dead-lettered by the arbitrage agent
-            for alert in engine.on_readings(batch.readings):
-                await alerts_topic.send(key=site.encode(), value=codec.encode(alert))
+    def step(site: str, batch: TelemetryBatch) -> list[Alert]:
+        return engines[site].on_readings(batch.readings)
+
+    site_telemetry_agent(app, settings, f"{__name__}.detection", engines, step)

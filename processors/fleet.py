@@ -84,13 +84,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import sparse
 from scipy.optimize import linprog
 
-from pipeline import codec, topics
 from pipeline.schemas import (
     Alert,
     Command,
     EvReading,
     Identifier,
     Severity,
+    TelemetryBatch,
     UtcDatetime,
     stable_id,
 )
@@ -1143,17 +1143,13 @@ def register(app: faust.App, settings: Settings) -> None:
     start-up. Undecodable telemetry is skipped silently: the arbitrage agent consumes the
     same records and dead-letters them once.
     """
-    from pipeline.streams import AGENT_SUPERVISOR, raw_topic
+    from pipeline.streams import site_telemetry_agent
 
     engines = {
         site.id: SiteFleet(cfg)
         for site in settings.sites
         if (cfg := fleet_settings(site)) is not None
     }
-    # Telemetry only: these agents do not use prices, so they do not read them.
-    source = raw_topic(app, settings, topics.TELEMETRY)
-    commands_topic = raw_topic(app, settings, topics.COMMANDS)
-    alerts_topic = raw_topic(app, settings, topics.ALERTS)
     table = app.Table(
         f"{settings.app_id}-fleet-state",
         default=None,
@@ -1161,23 +1157,14 @@ def register(app: faust.App, settings: Settings) -> None:
         help="Per-site fleet state: plugged-in vehicles, states of charge, last plan.",
     )
 
-    @app.agent(source, name=f"{__name__}.fleet", supervisor_strategy=AGENT_SUPERVISOR)
-    async def fleet(stream: Any) -> None:
-        async for event in stream.events():
-            message = event.message
-            site = (message.key or b"").decode("utf-8", "replace")
-            engine = engines.get(site)
-            if engine is None:
-                continue
-            batch, _ = codec.decode_telemetry(message.value)
-            if batch is None or batch.site != site:
-                continue  # dead-lettered by the arbitrage agent
-            readings = [r for r in batch.readings if isinstance(r, EvReading)]
-            if not readings:
-                continue
-            state = FleetState.from_json(table.get(site))
-            out = engine.on_readings(state, readings)
-            table[site] = state.to_json()
-            for item in out:
-                target = alerts_topic if isinstance(item, Alert) else commands_topic
-                await target.send(key=site.encode(), value=codec.encode(item))
+    def step(site: str, batch: TelemetryBatch) -> list[Alert | Command]:
+        readings = [r for r in batch.readings if isinstance(r, EvReading)]
+        if not readings:
+            return []
+        state = FleetState.from_json(table.get(site))
+        out = engines[site].on_readings(state, readings)
+        table[site] = state.to_json()
+        return out
+
+    # Telemetry only: this agent does not use prices, so it does not read them.
+    site_telemetry_agent(app, settings, f"{__name__}.fleet", engines, step)

@@ -51,7 +51,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline import codec, topics
 from pipeline.schemas import (
     Alert,
     AlertStatus,
@@ -61,6 +60,7 @@ from pipeline.schemas import (
     MeterReading,
     Reading,
     Severity,
+    TelemetryBatch,
     stable_id,
 )
 from pipeline.settings import Settings, SiteConfig, validate_section
@@ -743,17 +743,13 @@ def register(app: faust.App, settings: Settings) -> None:
     start-up. Undecodable telemetry is skipped silently: the arbitrage agent consumes the
     same records and dead-letters them once.
     """
-    from pipeline.streams import AGENT_SUPERVISOR, raw_topic
+    from pipeline.streams import site_telemetry_agent
 
     controllers = {
         site.id: IslandController(cfg)
         for site in settings.sites
         if (cfg := island_settings(site)) is not None
     }
-    # Telemetry only: these agents do not use prices, so they do not read them.
-    source = raw_topic(app, settings, topics.TELEMETRY)
-    commands_topic = raw_topic(app, settings, topics.COMMANDS)
-    alerts_topic = raw_topic(app, settings, topics.ALERTS)
     table = app.Table(
         f"{settings.app_id}-island-state",
         default=None,
@@ -761,18 +757,9 @@ def register(app: faust.App, settings: Settings) -> None:
         help="Per-site island state: grid state, shed loads, running generators, latest powers.",
     )
 
-    @app.agent(source, name=f"{__name__}.island", supervisor_strategy=AGENT_SUPERVISOR)
-    async def island(stream: Any) -> None:
-        async for event in stream.events():
-            message = event.message
-            site = (message.key or b"").decode("utf-8", "replace")
-            controller = controllers.get(site)
-            if controller is None:
-                continue
-            batch, _ = codec.decode_telemetry(message.value)
-            if batch is None or batch.site != site:
-                continue  # dead-lettered by the arbitrage agent
-            table[site], out = step_readings(controller, table.get(site), batch.readings)
-            for item in out:
-                target = alerts_topic if isinstance(item, Alert) else commands_topic
-                await target.send(key=site.encode(), value=codec.encode(item))
+    def step(site: str, batch: TelemetryBatch) -> list[Command | Alert]:
+        table[site], out = step_readings(controllers[site], table.get(site), batch.readings)
+        return out
+
+    # Telemetry only: this agent does not use prices, so it does not read them.
+    site_telemetry_agent(app, settings, f"{__name__}.island", controllers, step)

@@ -128,8 +128,7 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline import codec, topics
-from pipeline.schemas import Alert, Identifier, Severity, SolarReading
+from pipeline.schemas import Alert, Identifier, Severity, SolarReading, TelemetryBatch
 from pipeline.settings import Settings, SiteConfig, validate_section
 from processors.alerting import DetailValue, firing, resolved
 
@@ -1196,15 +1195,13 @@ def register(app: faust.App, settings: Settings) -> None:
     site's partition. Undecodable telemetry is skipped silently: the arbitrage agent
     consumes the same records and dead-letters them once.
     """
-    from pipeline.streams import AGENT_SUPERVISOR, raw_topic
+    from pipeline.streams import site_telemetry_agent
 
     sites = {
         site.id: SiteSolar(site.id, cfg)
         for site in settings.sites
         if (cfg := solar_settings(site)) is not None
     }
-    source = raw_topic(app, settings, topics.TELEMETRY)
-    alerts_topic = raw_topic(app, settings, topics.ALERTS)
     table = app.Table(
         f"{settings.app_id}-solar-state",
         default=None,
@@ -1212,24 +1209,15 @@ def register(app: faust.App, settings: Settings) -> None:
         help="Per-array solar detector state: learned normal, windows, open incident.",
     )
 
-    @app.agent(source, name=f"{__name__}.solar", supervisor_strategy=AGENT_SUPERVISOR)
-    async def solar(stream: Any) -> None:
-        async for event in stream.events():
-            message = event.message
-            site = (message.key or b"").decode("utf-8", "replace")
-            engine = sites.get(site)
-            if engine is None:
-                continue
-            batch, _ = codec.decode_telemetry(message.value)
-            if batch is None or batch.site != site:
-                continue  # dead-lettered by the arbitrage agent
-            readings = [r for r in batch.readings if isinstance(r, SolarReading)]
-            if not readings:
-                continue
-            devices = {r.device for r in readings}
-            states = {device: table.get(engine.key(device)) for device in devices}
-            new, out = engine.step(states, readings)
-            for device, state in new.items():
-                table[engine.key(device)] = state
-            for alert in out:
-                await alerts_topic.send(key=site.encode(), value=codec.encode(alert))
+    def step(site: str, batch: TelemetryBatch) -> list[Alert]:
+        readings = [r for r in batch.readings if isinstance(r, SolarReading)]
+        if not readings:
+            return []
+        engine = sites[site]
+        states = {device: table.get(engine.key(device)) for device in {r.device for r in readings}}
+        new, out = engine.step(states, readings)
+        for device, state in new.items():
+            table[engine.key(device)] = state
+        return out
+
+    site_telemetry_agent(app, settings, f"{__name__}.solar", sites, step)
