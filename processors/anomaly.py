@@ -68,9 +68,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from datetime import UTC, date, datetime, time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -287,6 +287,66 @@ class SignalDetector:
         self._bounds: tuple[tuple[int, int], tuple[float, float]] = ((-1, -1), (0.0, 0.0))
         self._lowest: tuple[int, float] = (-1, 0.0)
 
+    # --- checkpoints ------------------------------------------------------------------
+
+    def to_state(self) -> dict[str, Any]:
+        """What the detector has learned, as plain JSON (a Faust table checkpoint)."""
+        return {
+            "first_s": self.first_s,
+            "last_s": self.last_s,
+            "recent": list(self.recent),
+            "residuals": self.residuals.to_state(),
+            "levels": self.levels.to_state(),
+            "diffs": self.diffs.to_state(),
+            "profile": [[d, h, list(v)] for (d, h), v in self.profile.slots.items()],
+            "hour": [
+                None if self.hour.key is None else self.hour.key[0].isoformat(),
+                None if self.hour.key is None else self.hour.key[1],
+                self.hour.sum_kw,
+                self.hour.count,
+                self.hour.day_type,
+            ],
+            "window": list(self.window),
+            "shift_window": [list(p) for p in self.shift_window],
+            "hour_window": [list(p) for p in self.hour_window],
+            "pending": None if self.pending is None else astuple(self.pending),
+            "dip": None if self.dip is None else astuple(self.dip),
+            "run": [self.run_value, self.run_length, self.run_start_s],
+            "natural_runs": self.natural_runs.to_state(),
+            "open": {
+                label: [i.alert.model_dump(mode="json"), i.extreme]
+                for label, i in self.open.items()
+            },
+            "sun_ratios": list(self.sun_ratios),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take up a checkpoint of :meth:`to_state`."""
+        self.first_s, self.last_s = state["first_s"], state["last_s"]
+        self.recent.extend(state["recent"])
+        self.residuals.restore(state["residuals"])
+        self.levels.restore(state["levels"])
+        self.diffs.restore(state["diffs"])
+        for day_type, hour, values in state["profile"]:
+            for value in values:
+                self.profile.add(day_type, hour, value)
+        day, hour, sum_kw, count, day_type = state["hour"]
+        key = None if day is None else (date.fromisoformat(day), hour)
+        self.hour = _HourAccumulator(key, sum_kw, count, day_type)
+        self.window.extend(state["window"])
+        self.shift_window.extend((t, v) for t, v in state["shift_window"])
+        self.hour_window.extend((t, v) for t, v in state["hour_window"])
+        self.hour_sum_kw = sum(v for _, v in self.hour_window)
+        self.pending = None if state["pending"] is None else _PendingSpike(*state["pending"])
+        self.dip = None if state["dip"] is None else _PendingSpike(*state["dip"])
+        self.run_value, self.run_length, self.run_start_s = state["run"]
+        self.natural_runs.restore(state["natural_runs"])
+        self.open = {
+            label: _Incident(Alert.model_validate(alert), extreme)
+            for label, (alert, extreme) in state["open"].items()
+        }
+        self.sun_ratios.extend(state["sun_ratios"])
+
     # --- thresholds -----------------------------------------------------------------
 
     def warmed_up(self, ts_s: float) -> bool:
@@ -494,11 +554,15 @@ class SignalDetector:
             return False
         _, upper_kw = self.residual_bounds()
         pending = self.pending
+        if pending is not None and pending.readings > self.settings.spike_max_readings:
+            # Too long for a spike: the level moved (the profile rules judge that) and the
+            # local level has been learning it. Once it has caught up, spikes count again.
+            if residual_kw >= 0.5 * upper_kw:
+                pending.readings += 1
+                return False
+            self.pending = pending = None
         if pending is not None:
             if power_kw - pending.level_kw < 0.5 * upper_kw:
-                if pending.readings > self.settings.spike_max_readings:
-                    self.pending = None
-                    return False
                 # Back to normal within the allowed length: it was a spike.
                 self.pending = None
                 start = datetime.fromtimestamp(pending.start_s, UTC)
@@ -518,8 +582,6 @@ class SignalDetector:
                 return False
             pending.readings += 1
             pending.peak_kw = max(pending.peak_kw, power_kw)
-            # Too long for a spike: the level has moved (the profile rules judge that), and
-            # the local level must learn it, until the readings come back down.
             return pending.readings <= self.settings.spike_max_readings
         if residual_kw > upper_kw and not self._sunlit_jump(power_kw, irradiance_w_m2):
             self.pending = _PendingSpike(ts_s, power_kw, level_kw, 1)

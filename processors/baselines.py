@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -70,6 +70,17 @@ class RollingSample:
             self._sorted = sorted(self.values)
             self._since = 0
             self.version += 1
+
+    def to_state(self) -> list[float]:
+        return list(self.values)
+
+    def restore(self, values: Iterable[float]) -> None:
+        """Refill from a checkpoint (quantiles refreshed at once)."""
+        self.values.clear()
+        self.values.extend(values)
+        self._sorted = sorted(self.values)
+        self._since = 0
+        self.version += 1
 
     def quantile(self, q: float) -> float:
         """The ``q`` quantile of the sample at its last refresh (raises if it is empty)."""

@@ -11,9 +11,10 @@ Plain Python (no Faust import) except :func:`register`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.schemas import Alert, HomeReading, MeterReading, Reading, SolarReading, TelemetryBatch
 from pipeline.settings import Settings, SiteConfig, validate_section
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 
 
 EXPLAINED_BY_SIGNAL = ("level_shift", "drop", "stuck", "high_consumption")
+CHECKPOINT_EVERY_S = 6 * 3600.0
+"""Event time between two checkpoints of a device's baselines: a checkpoint is ~200 kB,
+and what a restart forgets (the readings since) only refines a baseline of weeks. [s]"""
 
 
 def detection_settings(site: SiteConfig) -> DetectionSettings:
@@ -41,6 +45,9 @@ class SiteDetection:
         self.signals: dict[str, SignalDetector] = {}
         self.vampires: dict[str, VampireDetector] = {}
 
+    def watches(self, kind: str) -> bool:
+        return self.settings.enabled and kind in self.settings.kinds
+
     def observe(
         self,
         device: str,
@@ -51,7 +58,7 @@ class SiteDetection:
     ) -> list[Alert]:
         """One power reading of ``device`` (PV with its irradiance, if measured); the alerts
         it starts or ends."""
-        if not self.settings.enabled or kind not in self.settings.kinds:
+        if not self.watches(kind):
             return []
         signal = self.signals.get(device)
         if signal is None:
@@ -69,6 +76,26 @@ class SiteDetection:
             out.extend(vampire.observe(at, power_kw, explained=explained))
         return out
 
+    def to_state(self, device: str) -> dict[str, Any]:
+        """A checkpoint of what ``device``'s detectors have learned (plain JSON)."""
+        signal = self.signals[device]
+        vampire = self.vampires.get(device)
+        return {
+            "kind": signal.kind,
+            "signal": signal.to_state(),
+            "vampire": None if vampire is None else vampire.to_state(),
+        }
+
+    def restore(self, device: str, state: dict[str, Any]) -> None:
+        """Take up ``device``'s checkpoint (before its first reading in this process)."""
+        kind = state["kind"]
+        signal = self.signals[device] = SignalDetector(self.site, device, kind, self.settings)
+        signal.restore(state["signal"])
+        if state["vampire"] is not None:
+            vampire = VampireDetector(self.site, device, kind, self.settings)
+            vampire.restore(state["vampire"])
+            self.vampires[device] = vampire
+
     def on_readings(self, readings: Iterable[Reading]) -> list[Alert]:
         """A batch of readings, in order of their timestamps."""
         out: list[Alert] = []
@@ -85,11 +112,12 @@ def register(app: faust.App, settings: Settings) -> None:
     """Wire the statistical detectors to Kafka: telemetry in, alerts out.
 
     Every site is watched (``[sites.detection]`` only changes the settings, and is
-    validated here, at start-up). Undecodable telemetry is skipped: the arbitrage agent
-    reads the same records and dead-letters them once.
-
-    The baselines live in the worker's memory: after a restart or a rebalance a device
-    learns again (``warmup_h``) before it raises alerts.
+    validated here, at start-up). What each device has learned is checkpointed in a
+    Faust table keyed ``site/device`` every ``CHECKPOINT_EVERY_S`` of its event time
+    and whenever it raises or resolves an alert; a restarted worker (or the one that
+    takes the partition over) resumes from the checkpoint instead of learning again.
+    The readings between the checkpoint and the committed offset only refine the
+    baselines, so a restart loses none of the alerts' identity (ids are from data).
     """
     from pipeline.streams import site_telemetry_agent
 
@@ -98,8 +126,30 @@ def register(app: faust.App, settings: Settings) -> None:
         for site in settings.sites
         if (cfg := detection_settings(site)).enabled
     }
+    table = app.Table(
+        f"{settings.app_id}-detection-state",
+        default=None,
+        partitions=settings.partitions,
+        help="Per-device detector baselines: local level, residuals, profile, idle baseline.",
+    )
+    checkpointed_s: dict[str, float] = {}
 
     def step(site: str, batch: TelemetryBatch) -> list[Alert]:
-        return engines[site].on_readings(batch.readings)
+        engine = engines[site]
+        devices = {r.device for r in batch.readings if engine.watches(r.kind)}
+        for device in devices - engine.signals.keys():
+            saved = table.get(f"{site}/{device}")
+            if saved is not None:
+                engine.restore(device, saved)
+        out = engine.on_readings(batch.readings)
+        alerted = {a.device for a in out}
+        for device in devices & engine.signals.keys():
+            key = f"{site}/{device}"
+            event_s = engine.signals[device].last_s or 0.0
+            due = event_s - checkpointed_s.get(key, -math.inf) >= CHECKPOINT_EVERY_S
+            if due or device in alerted:
+                table[key] = engine.to_state(device)
+                checkpointed_s[key] = event_s
+        return out
 
     site_telemetry_agent(app, settings, f"{__name__}.detection", engines, step)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from typing import Any
 
 from pipeline.schemas import Alert, Severity
 from processors.alerting import firing, resolved
@@ -106,6 +107,64 @@ class VampireDetector:
         self.period: _Period | None = None
         self.stretch: _Stretch | None = None
         self.last_s: float | None = None
+
+    def to_state(self) -> dict[str, Any]:
+        """What the detector has learned, as plain JSON (a Faust table checkpoint)."""
+        period = self.period
+        stretch = self.stretch
+        return {
+            "idle_readings": self.idle_readings.to_state(),
+            "learned_stats": [learned.to_state() for learned in self.learned_stats],
+            "periods_learned": self.periods_learned,
+            "last_s": self.last_s,
+            "period": None
+            if period is None
+            else {
+                "key": [period.key[0].isoformat(), period.key[1]],
+                "first_s": period.first_s,
+                "times_s": period.times_s,
+                "values_kw": period.values_kw,
+                "stats": [list(stats) for stats in period.stats],
+                "above_since": period.above_since,
+                "had_incident": period.had_incident,
+            },
+            "stretch": None
+            if stretch is None
+            else {
+                "start_s": stretch.start_s,
+                "detected_s": stretch.detected_s,
+                "baseline_kw": stretch.baseline_kw,
+                "resolve_kw": stretch.resolve_kw,
+                "excess_kwh": stretch.excess_kwh,
+                "peak_kw": stretch.peak_kw,
+                "alert": None if stretch.alert is None else stretch.alert.model_dump(mode="json"),
+            },
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take up a checkpoint of :meth:`to_state`."""
+        self.idle_readings.restore(state["idle_readings"])
+        for learned, values in zip(self.learned_stats, state["learned_stats"], strict=True):
+            learned.restore(values)
+        self.periods_learned = state["periods_learned"]
+        self.last_s = state["last_s"]
+        period = state["period"]
+        if period is not None:
+            self.period = _Period(
+                (date.fromisoformat(period["key"][0]), period["key"][1]),
+                period["first_s"],
+                period["times_s"],
+                period["values_kw"],
+                [tuple(stats) for stats in period["stats"]],
+                period["above_since"],
+                period["had_incident"],
+            )
+        stretch = state["stretch"]
+        if stretch is not None:
+            alert = stretch.pop("alert")
+            self.stretch = _Stretch(
+                **stretch, alert=None if alert is None else Alert.model_validate(alert)
+            )
 
     def idle_period(self, ts_s: float) -> tuple[date, int] | None:
         """Which idle period ``ts_s`` is in, as (local date it began, window index), if any."""
