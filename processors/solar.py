@@ -95,7 +95,7 @@ Readings at or before the device's last reading are ignored and counted
 (``stale_readings``): a replay after a restart sends them again, and alert ids
 are deterministic anyway.
 
-**Measured** with :func:`evaluation_run` (8 weeks of 5-min data, 10 seeds, 3-5
+**Measured** with :func:`pipeline.solar_eval.evaluation_run` (8 weeks of 5-min data, 10 seeds, 3-5
 faults a run; an alert matches if its ``start`` lies in a labelled window;
 delay = ``detected_at`` - window start): no alert at all on fault-free runs;
 sudden losses of 20-100 % F1 0.98 (the misses start at dusk and end in the
@@ -108,9 +108,10 @@ night), median delay 10 min (7 min on 1-minute data); 10 % F1 0.92, ~80 min
 **Reports.** :func:`efficiency_report` gives efficiency (PI against the spec,
 %) per array per day and overall, from a telemetry frame, for ``wattstream
 detect``; firing and resolved alerts carry the current efficiency. The
-evaluation helper :func:`evaluation_run` simulates weeks of 5-minute PV data
+evaluation helper :mod:`pipeline.solar_eval` simulates weeks of 5-minute PV data
 from pvlib's bundled TMY with labelled faults and runs the detector;
-:func:`score` computes precision, recall, F1 and delays.
+:mod:`processors.scoring` computes precision, recall, F1 and delays, as for every
+detector (``wattstream evaluate-detectors``).
 
 Plain Python (pvlib, numpy and polars only where arrays pay); Faust is imported
 only for wiring.
