@@ -237,7 +237,13 @@ class VampireDetector:
                 continue
             resolve_kw = [0.5 * (b + ln) for b, ln in zip(self._usual_floors(), lines, strict=True)]
             self.stretch = _Stretch(start_s, ts_s, baseline_kw, resolve_kw)
-            self.stretch.peak_kw = power_kw
+            # The incident began at start_s: its waste counts from there, not from now.
+            first = bisect.bisect_left(period.times_s, start_s)
+            for k in range(max(first, 1), len(period.times_s)):
+                step_in_h = (period.times_s[k] - period.times_s[k - 1]) / 3600.0
+                excess_kw = max(0.0, period.values_kw[k] - baseline_kw)
+                self.stretch.excess_kwh += excess_kw * step_in_h
+            self.stretch.peak_kw = max(period.values_kw[first:])
             self._fire(at, stat, baseline_kw, window_min, self.stretch, out)
             break
         return out
