@@ -34,6 +34,7 @@ from pipeline.schemas import (
 from pipeline.settings import Settings, SettingsError
 from processors import curtailment
 from tests.conftest import SettingsFactory
+from tests.workers import run_worker
 
 pytestmark = pytest.mark.integration
 
@@ -118,26 +119,10 @@ async def test_curtailment_agent_fires_plans_and_releases_like_the_plain_engine(
     )
     sent = batches(readings())
     await kafka.ensure_topics(settings)
-    app = build_app(settings)
-    await app.start()
-    try:
-        producer = kafka.producer(settings)
-        await producer.start()
-        try:
-            for batch in sent:
-                await producer.send_and_wait(
-                    settings.topic(topics.TELEMETRY), codec.encode(batch), key=SITE.encode()
-                )
-        finally:
-            await producer.stop()
-        await kafka.wait_until_drained(
-            settings,
-            {settings.app_id: [settings.topic(topics.TELEMETRY)]},
-            timeout_s=25,
-            failed=lambda: app.crash_reason,
-        )
-    finally:
-        await app.stop()
+    records = [(settings.topic(topics.TELEMETRY), SITE, codec.encode(b)) for b in sent]
+    await run_worker(
+        build_app(settings), settings, records, [settings.topic(topics.TELEMETRY)], timeout_s=25
+    )
 
     alerts = [codec.decode(Alert, v) for _, v in await kafka.read_all(settings, topics.ALERTS)]
     commands = [

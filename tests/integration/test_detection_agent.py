@@ -23,6 +23,7 @@ from pipeline.schemas import Alert, AlertStatus, HomeReading, TelemetryBatch
 from pipeline.settings import Settings
 from processors.detection import SiteDetection, detection_settings
 from tests.conftest import SettingsFactory
+from tests.workers import run_worker
 
 pytestmark = pytest.mark.integration
 
@@ -63,28 +64,10 @@ def batches(readings: list[HomeReading], size: int = 48) -> list[TelemetryBatch]
     ]
 
 
-async def run_worker(settings: Settings, sent: list[TelemetryBatch]) -> None:
-    """A worker as ``create_app`` builds it: send ``sent``, wait until it is read, stop."""
-    app = create_app(settings)
-    await app.start()
-    try:
-        producer = kafka.producer(settings)
-        await producer.start()
-        try:
-            for batch in sent:
-                await producer.send_and_wait(
-                    settings.topic(topics.TELEMETRY), codec.encode(batch), key=SITE.encode()
-                )
-        finally:
-            await producer.stop()
-        await kafka.wait_until_drained(
-            settings,
-            {settings.app_id: agent_input_topics(settings)},
-            timeout_s=40,
-            failed=lambda: app.crash_reason,
-        )
-    finally:
-        await app.stop()
+async def run_batches(settings: Settings, sent: list[TelemetryBatch]) -> None:
+    """A worker as ``create_app`` builds it reads ``sent``, then stops."""
+    records = [(settings.topic(topics.TELEMETRY), SITE, codec.encode(b)) for b in sent]
+    await run_worker(create_app(settings), settings, records, agent_input_topics(settings))
 
 
 async def test_the_agent_raises_what_the_detectors_raise_across_a_restart(
@@ -101,8 +84,8 @@ async def test_the_agent_raises_what_the_detectors_raise_across_a_restart(
     sent = batches(home_readings())
     cut = 4 * PER_DAY // 48
     await kafka.ensure_topics(settings)
-    await run_worker(settings, sent[:cut])
-    await run_worker(settings, sent[cut:])
+    await run_batches(settings, sent[:cut])
+    await run_batches(settings, sent[cut:])
 
     got = [codec.decode(Alert, v) for _, v in await kafka.read_all(settings, topics.ALERTS)]
     fired = {(a.alert_type, a.start) for a in got if a.status is AlertStatus.FIRING}

@@ -33,6 +33,7 @@ from pipeline.schemas import (
 from pipeline.settings import Settings, SettingsError
 from processors import solar
 from tests.conftest import SettingsFactory
+from tests.workers import run_worker
 
 pytestmark = pytest.mark.integration
 
@@ -95,29 +96,12 @@ def expected(settings: Settings, sent: list[TelemetryBatch]) -> list[Alert]:
     return out
 
 
-async def run_worker(settings: Settings, sent: list[TelemetryBatch]) -> None:
+async def run_batches(settings: Settings, sent: list[TelemetryBatch]) -> None:
     """Start a worker, send ``sent``, wait until it has processed them all, stop it."""
     app = faust.App(settings.app_id, **faust_config(settings))
     solar.register(app, settings)
-    await app.start()
-    try:
-        producer = kafka.producer(settings)
-        await producer.start()
-        try:
-            for batch in sent:
-                await producer.send_and_wait(
-                    settings.topic(topics.TELEMETRY), codec.encode(batch), key=SITE.encode()
-                )
-        finally:
-            await producer.stop()
-        await kafka.wait_until_drained(
-            settings,
-            {settings.app_id: [settings.topic(topics.TELEMETRY)]},
-            timeout_s=30,
-            failed=lambda: app.crash_reason,
-        )
-    finally:
-        await app.stop()
+    records = [(settings.topic(topics.TELEMETRY), SITE, codec.encode(b)) for b in sent]
+    await run_worker(app, settings, records, [settings.topic(topics.TELEMETRY)], timeout_s=30)
 
 
 async def test_solar_agent_alerts_like_the_engine_across_a_restart(
@@ -132,8 +116,8 @@ async def test_solar_agent_alerts_like_the_engine_across_a_restart(
     sent = batches(readings())
     cut = next(i for i, b in enumerate(sent) if b.readings[0].ts >= START + timedelta(days=3))
     await kafka.ensure_topics(settings)
-    await run_worker(settings, sent[:cut])
-    await run_worker(settings, sent[cut:])  # a new worker: state from the changelog
+    await run_batches(settings, sent[:cut])
+    await run_batches(settings, sent[cut:])  # a new worker: state from the changelog
 
     alerts = [codec.decode(Alert, v) for _, v in await kafka.read_all(settings, topics.ALERTS)]
     assert alerts == expected(settings, sent)
