@@ -208,6 +208,8 @@ class SiteConfig(_Area):
     """``[sites.curtailment]``: see processors/curtailment.py (CurtailmentSettings)."""
     fusion: dict[str, Any] | None = None
     """``[sites.fusion]``: see processors/scram.py (ScramSettings)."""
+    follow_sun: dict[str, Any] | None = None
+    """``[sites.follow_sun]``: see processors/follow_sun.py (FollowSunSettings)."""
 
     @model_validator(mode="after")
     def _unique_devices(self) -> Self:
