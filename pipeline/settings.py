@@ -208,6 +208,9 @@ class SiteConfig(_Area):
     """``[sites.curtailment]``: see processors/curtailment.py (CurtailmentSettings)."""
     fusion: dict[str, Any] | None = None
     """``[sites.fusion]``: see processors/scram.py (ScramSettings)."""
+    carbon: dict[str, Any] | None = None
+    """``[sites.carbon]``: see processors/carbon.py (CarbonSettings): the carbon zone
+    (not the price ``market``), the residual mix, device roles."""
     follow_sun: dict[str, Any] | None = None
     """``[sites.follow_sun]``: see processors/follow_sun.py (FollowSunSettings)."""
 
