@@ -211,6 +211,9 @@ class SiteConfig(_Area):
     carbon: dict[str, Any] | None = None
     """``[sites.carbon]``: see processors/carbon.py (CarbonSettings): the carbon zone
     (not the price ``market``), the residual mix, device roles."""
+    certificates: dict[str, Any] | None = None
+    """``[sites.certificates]``: see processors/certificates.py (CertificateSettings):
+    guarantees of origin for on-site solar (validity, which devices mint)."""
     follow_sun: dict[str, Any] | None = None
     """``[sites.follow_sun]``: see processors/follow_sun.py (FollowSunSettings)."""
 
