@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
@@ -370,6 +371,14 @@ def _describe(error: ValidationError) -> str:
             got = ""
         lines.append(f"  {setting} (env {_env_name(loc)}): {message}{got}")
     return "invalid settings:\n" + "\n".join(lines)
+
+
+def time_zone(name: str) -> ZoneInfo:
+    """The IANA zone ``name``, or a ValueError a settings model shows against the setting."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r} (an IANA name like 'Europe/Rome')") from None
 
 
 def setting_path(loc: tuple[int | str, ...], prefix: str = "") -> str:

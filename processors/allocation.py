@@ -73,7 +73,6 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, time, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -94,6 +93,7 @@ from pipeline.settings import (
     Settings,
     SettingsError,
     SiteConfig,
+    time_zone,
     validate_section,
 )
 
@@ -765,13 +765,6 @@ class TouWindow(_Config):
         return period_from_name(value) if isinstance(value, str) else value
 
 
-def _zone(name: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {name!r} (an IANA name like 'Europe/Rome')") from None
-
-
 class AllocationSettings(AllocationConfig):
     """``[sites.allocation]``: :class:`AllocationConfig` (``site`` is the site's id) plus
     how the stream turns telemetry into :class:`IntervalInputs`."""
@@ -790,12 +783,12 @@ class AllocationSettings(AllocationConfig):
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
-        _zone(value)
+        time_zone(value)
         return value
 
     def tou_period_at(self, instant: datetime) -> DispatchPeriod:
         """The period in force at ``instant`` (local time of day in ``timezone``)."""
-        local = instant.astimezone(_zone(self.timezone)).time().replace(tzinfo=None)
+        local = instant.astimezone(time_zone(self.timezone)).time().replace(tzinfo=None)
         windows = sorted(self.tou_periods, key=lambda w: w.start)
         current = windows[-1]  # before the first start of the day, yesterday's last goes on
         for window in windows:

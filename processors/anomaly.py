@@ -75,6 +75,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.schemas import Alert, Severity
+from pipeline.settings import time_zone
 from processors.alerting import firing, resolved
 from processors.baselines import (
     LocalClock,
@@ -82,7 +83,6 @@ from processors.baselines import (
     mad_spread,
     median,
     quantile_of_sorted,
-    zone,
 )
 
 Label = Literal["spike", "drop", "level_shift", "stuck", "high_consumption", "vampire"]
@@ -193,7 +193,7 @@ class DetectionSettings(BaseModel):
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
-        zone(value)
+        time_zone(value)
         return value
 
 

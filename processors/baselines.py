@@ -16,7 +16,8 @@ import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pipeline.settings import time_zone
 
 MAD_TO_SIGMA = 1.4826
 """A normal distribution's standard deviation over its median absolute deviation. [-]"""
@@ -89,21 +90,13 @@ class RollingSample:
         return quantile_of_sorted(self._sorted, q)
 
 
-def zone(name: str) -> ZoneInfo:
-    """The IANA zone ``name``, or a ValueError a settings model can show."""
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {name!r} (an IANA name like 'Europe/Rome')") from None
-
-
 class LocalClock:
     """Local calendar facts of epoch instants in one zone, cached per quarter hour."""
 
     __slots__ = ("_base_minute", "_base_s", "_day", "_hour", "_weekday", "zone")
 
     def __init__(self, zone_name: str) -> None:
-        self.zone = zone(zone_name)
+        self.zone = time_zone(zone_name)
         self._base_s = math.nan
         self._base_minute = 0.0
         self._hour = 0

@@ -94,7 +94,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, Literal, Self
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -108,7 +107,7 @@ from pipeline.schemas import (
     SolarReading,
     stable_id,
 )
-from pipeline.settings import SiteConfig, validate_section
+from pipeline.settings import SiteConfig, time_zone, validate_section
 
 log = logging.getLogger(__name__)
 
@@ -373,10 +372,7 @@ def daily_clean_share_pct(
 
     Days with no consumption are left out (a share of nothing is undefined).
     """
-    try:
-        tz = ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown timezone {timezone!r} (IANA, e.g. 'Europe/Rome')") from None
+    tz = time_zone(timezone)
     clean_kwh: dict[date, float] = {}
     load_kwh: dict[date, float] = {}
     for record in records:

@@ -77,7 +77,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -94,7 +94,7 @@ from pipeline.schemas import (
     UtcDatetime,
     stable_id,
 )
-from pipeline.settings import Settings, SiteConfig, validate_section
+from pipeline.settings import Settings, SiteConfig, time_zone, validate_section
 
 if TYPE_CHECKING:
     import faust
@@ -981,12 +981,7 @@ class FleetSettings(FleetSiteLimits):
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"duplicate vehicle_id {duplicates}")
-        try:
-            ZoneInfo(self.timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(
-                f"unknown timezone {self.timezone!r} (IANA, e.g. 'Europe/Rome')"
-            ) from None
+        time_zone(self.timezone)
         return self
 
     def vehicle(self, vehicle_id: str) -> VehicleSettings | None:

@@ -435,7 +435,7 @@ def test_daily_score_uses_the_local_day() -> None:
         date(2025, 4, 7): pytest.approx(0.0),
     }
     assert daily_clean_share_pct(records, "Europe/Rome") == {date(2025, 4, 7): pytest.approx(75.0)}
-    with pytest.raises(ValueError, match="unknown timezone"):
+    with pytest.raises(ValueError, match="unknown time zone"):
         daily_clean_share_pct(records, "Mars/Olympus")
 
 
