@@ -159,11 +159,7 @@ class BatteryConfig(_Area):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        if not self.soc_min_pct < self.soc_max_pct:
-            raise ValueError(
-                f"battery {self.device}: soc_min_pct ({self.soc_min_pct}) must be below "
-                f"soc_max_pct ({self.soc_max_pct})"
-            )
+        check_soc_range(self.device, self.soc_min_pct, self.soc_max_pct)
         if not self.reserve_pct <= self.soc_max_pct:
             raise ValueError(
                 f"battery {self.device}: reserve_pct ({self.reserve_pct}) must not exceed "
@@ -371,6 +367,15 @@ def _describe(error: ValidationError) -> str:
             got = ""
         lines.append(f"  {setting} (env {_env_name(loc)}): {message}{got}")
     return "invalid settings:\n" + "\n".join(lines)
+
+
+def check_soc_range(device: str, soc_min_pct: float, soc_max_pct: float) -> None:
+    """A battery's state-of-charge window must not be empty (raises for a settings model)."""
+    if not soc_min_pct < soc_max_pct:
+        raise ValueError(
+            f"battery {device}: soc_min_pct ({soc_min_pct}) must be below "
+            f"soc_max_pct ({soc_max_pct})"
+        )
 
 
 def time_zone(name: str) -> ZoneInfo:

@@ -122,7 +122,7 @@ from pipeline.schemas import (
     TelemetryBatch,
     stable_id,
 )
-from pipeline.settings import Settings, SiteConfig, validate_section
+from pipeline.settings import Settings, SiteConfig, check_soc_range, validate_section
 from processors.alerting import DetailValue, firing, resolved
 
 if TYPE_CHECKING:
@@ -228,11 +228,7 @@ class HomeBattery(_Config):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        if not self.soc_min_pct < self.soc_max_pct:
-            raise ValueError(
-                f"battery {self.device}: soc_min_pct ({self.soc_min_pct}) must be below "
-                f"soc_max_pct ({self.soc_max_pct})"
-            )
+        check_soc_range(self.device, self.soc_min_pct, self.soc_max_pct)
         return self
 
 
