@@ -8,7 +8,9 @@ used (with the reason and the original bytes) and let the stream go on.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import faust
@@ -106,34 +108,60 @@ OUTPUT_TOPICS: dict[type[BaseModel], topics.TopicSpec] = {
 """Where a site agent's outputs go, by message type."""
 
 
+SiteStep = Callable[[str, TelemetryBatch], Sequence[Alert | Command]]
+
+
+@dataclass
+class _SiteSteps:
+    """The steps of one app's site agents, fed by one telemetry agent."""
+
+    steps: list[tuple[str, frozenset[str], SiteStep]] = field(default_factory=list)
+
+
+_SITE_STEPS: weakref.WeakKeyDictionary[faust.App, _SiteSteps] = weakref.WeakKeyDictionary()
+
+
 def site_telemetry_agent(
     app: faust.App,
     settings: Settings,
     name: str,
     sites: Collection[str],
-    step: Callable[[str, TelemetryBatch], Sequence[Alert | Command]],
+    step: SiteStep,
 ) -> None:
-    """An agent that feeds each telemetry batch of ``sites`` to ``step`` and sends what it
-    returns (alerts to the alerts topic, commands to the commands topic), in order.
+    """Feed each telemetry batch of ``sites`` to ``step`` and send what it returns (alerts
+    to the alerts topic, commands to the commands topic), in order.
 
     ``step(site, batch)`` is the processor's engine, with its table reads and writes
-    (Faust tables are read and written synchronously). Undecodable telemetry is skipped:
-    the arbitrage agent reads the same records and dead-letters them once.
+    (Faust tables are read and written synchronously); ``name`` names the processor.
+    Every site agent of an app shares one Faust agent: a batch is decoded once, then
+    given to each step in the order they were registered. Undecodable telemetry is
+    skipped: the arbitrage agent reads the same records and dead-letters them once.
     """
+    registry = _SITE_STEPS.get(app)
+    if registry is None:
+        registry = _SITE_STEPS[app] = _SiteSteps()
+        _register_site_agent(app, settings, registry)
+    registry.steps.append((name, frozenset(sites), step))
+
+
+def _register_site_agent(app: faust.App, settings: Settings, registry: _SiteSteps) -> None:
     source = raw_topic(app, settings, topics.TELEMETRY)
     outputs = {kind: raw_topic(app, settings, spec) for kind, spec in OUTPUT_TOPICS.items()}
-    watched = frozenset(sites)
 
-    async def agent(stream: Any) -> None:
+    async def site_agents(stream: Any) -> None:
         async for event in stream.events():
             message = event.message
             site = (message.key or b"").decode("utf-8", "replace")
-            if site not in watched:
+            steps = [step for _, sites, step in registry.steps if site in sites]
+            if not steps:
                 continue
             batch, _ = codec.decode_telemetry(message.value)
             if batch is None or batch.site != site:
                 continue  # dead-lettered by the arbitrage agent
-            for item in step(site, batch):
-                await outputs[type(item)].send(key=site.encode(), value=codec.encode(item))
+            for step in steps:
+                for item in step(site, batch):
+                    await outputs[type(item)].send(key=site.encode(), value=codec.encode(item))
 
-    app.agent(source, name=name, supervisor_strategy=AGENT_SUPERVISOR)(agent)
+    app.agent(source, name=f"{__name__}.site_agents", supervisor_strategy=AGENT_SUPERVISOR)(
+        site_agents
+    )
