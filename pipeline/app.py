@@ -17,9 +17,11 @@ from pipeline.settings import Settings
 from processors import (
     allocation,
     arbitrage,
+    carbon,
     curtailment,
     detection,
     fleet,
+    follow_sun,
     island,
     prices,
     scram,
@@ -76,7 +78,8 @@ def _credentials(settings: Settings) -> object:
 
 def agent_input_topics(settings: Settings) -> list[str]:
     """The topics the worker's agents consume (its consumer group is ``app_id``)."""
-    return [settings.topic(spec) for spec in (topics.TELEMETRY, topics.SITE_PRICES, topics.PRICES)]
+    specs = (topics.TELEMETRY, topics.SITE_PRICES, topics.PRICES, topics.SITE_CARBON, topics.CARBON)
+    return [settings.topic(spec) for spec in specs]
 
 
 class Sink(Protocol):
@@ -120,6 +123,10 @@ def create_app(settings: Settings, *, with_sinks: bool = False) -> faust.App:
     # Every site's fusion readings get SCRAM protection (defaults without a [sites.fusion]
     # section; only `enabled = false` turns it off).
     scram.register(app, settings)
+    # Scope 2 and certificates for sites with [sites.carbon] (and the carbon fan-out for
+    # every zone in use); follow-the-sun for sites with [sites.follow_sun].
+    carbon.register(app, settings)
+    follow_sun.register(app, settings)
     if with_sinks:
         app.service(SinkService(InfluxSink(settings)))  # type: ignore[arg-type]
         if settings.webhook.url is not None:

@@ -88,9 +88,16 @@ def main(ctx: click.Context, config: Path | None) -> None:
     show_default=True,
     help="Price file to replay.",
 )
+@click.option(
+    "--carbon",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=DEFAULT_SAMPLE / "carbon.csv",
+    show_default=True,
+    help="Carbon intensity (or generation mix) file for the sites' zone.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_obj
-def demo(obj: Context, telemetry: Path, prices: Path, as_json: bool) -> None:
+def demo(obj: Context, telemetry: Path, prices: Path, carbon: Path, as_json: bool) -> None:
     """Run the whole pipeline on the bundled sample and print a summary.
 
     With no WATTSTREAM_BROKER it starts the embedded broker. Points go to
@@ -105,11 +112,14 @@ def demo(obj: Context, telemetry: Path, prices: Path, as_json: bool) -> None:
     _setup_logging(settings.log_level, file=Path("out/demo.log"))
     if not as_json:
         click.echo(
-            f"wattstream demo: {telemetry.name} + {prices.name} -> {influx_target(settings)}"
+            f"wattstream demo: {telemetry.name} + {prices.name} + {carbon.name}"
+            f" -> {influx_target(settings)}"
         )
         click.echo("logs: out/demo.log")
     with DemoProgress(enabled=not as_json) as progress:
-        result = run_demo(settings, telemetry, prices, on_progress=progress.update)
+        result = run_demo(
+            settings, telemetry, prices, on_progress=progress.update, carbon_path=carbon
+        )
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
     else:

@@ -1,7 +1,8 @@
 """``wattstream demo``: the whole path on one machine, with nothing to set up.
 
-embedded broker -> replay of the bundled sample (telemetry + prices) -> price
-fan-out and arbitrage agents (Faust, in this process) -> decisions topic ->
+embedded broker -> the zone's carbon intensity (a generation-mix file, through the
+carbon feed) and a replay of the bundled sample (telemetry + prices) -> every agent
+(Faust, in this process) -> decisions, alerts, emissions, certificates... ->
 InfluxDB sink (a server if ``WATTSTREAM_INFLUX_URL`` is set, else a
 line-protocol file) -> a summary read back from the decisions topic.
 """
@@ -13,16 +14,16 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline import codec, kafka, topics
 from pipeline.app import agent_input_topics, create_app
 from pipeline.local import EmbeddedBroker, with_embedded_broker
-from pipeline.report import DecisionSummary, summarize
+from pipeline.report import DecisionSummary, SiteCarbon, summarize, summarize_carbon
 from pipeline.report_html import write_report
-from pipeline.schemas import Decision
+from pipeline.schemas import Alert, CertificateEvent, Decision, EmissionsRecord
 from pipeline.settings import Settings
 from sinks.influx import InfluxSink
 
@@ -38,12 +39,14 @@ class DemoResult:
     readings_replayed: int
     bad_rows: int
     prices_replayed: int
+    intensities_sent: int
     points_written: int
     dead_letters: int
     influx_target: str
     elapsed_s: float
     broker: str
     report_path: Path | None = None
+    carbon: dict[str, SiteCarbon] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -51,12 +54,14 @@ class DemoResult:
             "readings_replayed": self.readings_replayed,
             "bad_rows": self.bad_rows,
             "prices_replayed": self.prices_replayed,
+            "intensities_sent": self.intensities_sent,
             "points_written": self.points_written,
             "dead_letters": self.dead_letters,
             "influx_target": self.influx_target,
             "elapsed_s": round(self.elapsed_s, 2),
             "report": str(self.report_path) if self.report_path else None,
             "summary": self.summary.as_dict(),
+            "carbon": {site: c.as_dict() for site, c in self.carbon.items()},
         }
 
 
@@ -88,10 +93,12 @@ async def run_pipeline(
     on_progress: ProgressCallback | None = None,
     drain_timeout_s: float = 300.0,
     report_dir: Path | None = None,
+    carbon_path: Path | None = None,
 ) -> DemoResult:
     """Run replay, agents and sink against ``settings.broker`` until everything is stored."""
-    # The demo composes every part; importing the connector here keeps `pipeline` free of
+    # The demo composes every part; importing the connectors here keeps `pipeline` free of
     # an import-time dependency on `ingest`.
+    from ingest.carbon import CarbonFeed, CarbonFeedConfig
     from ingest.replay import Replay
 
     started = time.monotonic()
@@ -118,6 +125,17 @@ async def run_pipeline(
             progress.readings_total = stats.readings_total
             progress.points_written = sink.stats.points_written
             report()
+
+        intensities_sent = 0
+        if carbon_path is not None:
+            # Intensities first: they are forecasts published ahead, as the day-ahead prices
+            # are, so follow-the-sun can judge each hour when the replay reaches it.
+            report("sending the grid's carbon intensity")
+            async with CarbonFeed(settings, CarbonFeedConfig(source=str(carbon_path))) as feed:
+                await feed.poll_once()
+            if feed.stats.last_error:
+                raise RuntimeError(f"carbon file {carbon_path}: {feed.stats.last_error}")
+            intensities_sent = feed.stats.sent
 
         report("replaying the sample")
         replay = Replay(settings, telemetry_path, prices_path, on_progress=on_replay)
@@ -152,18 +170,31 @@ async def run_pipeline(
         for _, value in await kafka.read_all(settings, topics.DECISIONS)
     ]
     dead_letters = len(await kafka.read_all(settings, topics.DEAD_LETTERS))
+    carbon = summarize_carbon(
+        [
+            codec.decode(EmissionsRecord, value)
+            for _, value in await kafka.read_all(settings, topics.EMISSIONS)
+        ],
+        [
+            codec.decode(CertificateEvent, value)
+            for _, value in await kafka.read_all(settings, topics.CERTIFICATES)
+        ],
+        [codec.decode(Alert, value) for _, value in await kafka.read_all(settings, topics.ALERTS)],
+    )
     report_path = write_report(decisions, report_dir / "report.html") if report_dir else None
     return DemoResult(
         summary=summarize(decisions),
         readings_replayed=replay_stats.readings_sent,
         bad_rows=replay_stats.bad_rows,
         prices_replayed=replay_stats.prices_sent,
+        intensities_sent=intensities_sent,
         points_written=sink.stats.points_written,
         dead_letters=dead_letters,
         influx_target=influx_target(settings),
         elapsed_s=time.monotonic() - started,
         broker=str(settings.broker),
         report_path=report_path,
+        carbon=carbon,
     )
 
 
@@ -184,14 +215,23 @@ def run_demo(
     prices_path: Path | None,
     on_progress: ProgressCallback | None = None,
     report_dir: Path | None = Path("out"),
+    carbon_path: Path | None = None,
 ) -> DemoResult:
     """The demo, starting the embedded broker when no broker is configured."""
+
+    def pipeline(on: Settings) -> DemoResult:
+        return asyncio.run(
+            run_pipeline(
+                on,
+                telemetry_path,
+                prices_path,
+                on_progress,
+                report_dir=report_dir,
+                carbon_path=carbon_path,
+            )
+        )
+
     if not settings.embedded_broker:
-        return asyncio.run(
-            run_pipeline(settings, telemetry_path, prices_path, on_progress, report_dir=report_dir)
-        )
+        return pipeline(settings)
     with EmbeddedBroker() as broker:
-        local = with_embedded_broker(settings, broker)
-        return asyncio.run(
-            run_pipeline(local, telemetry_path, prices_path, on_progress, report_dir=report_dir)
-        )
+        return pipeline(with_embedded_broker(settings, broker))

@@ -6,7 +6,15 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pipeline.schemas import Action, Decision
+from pipeline.schemas import (
+    Action,
+    Alert,
+    AlertStatus,
+    CertificateAction,
+    CertificateEvent,
+    Decision,
+    EmissionsRecord,
+)
 
 
 @dataclass
@@ -52,3 +60,82 @@ def summarize(decisions: Iterable[Decision]) -> DecisionSummary:
         total.add(decision)
         total.by_site.setdefault(decision.site, DecisionSummary()).add(decision)
     return total
+
+
+@dataclass
+class SiteCarbon:
+    """A site's Scope 2 over the records read, and its certificate ledger's events."""
+
+    hours: int = 0
+    consumption_kwh: float = 0.0
+    grid_kwh: float = 0.0
+    location_based_kg_co2: float = 0.0
+    market_based_kg_co2: float = 0.0
+    clean_kwh: float = 0.0
+    minted_mwh: float = 0.0
+    burned_mwh: float = 0.0
+    expired_mwh: float = 0.0
+    follow_sun_windows: int = 0
+
+    @property
+    def clean_share_pct(self) -> float:
+        """Hourly-matched (24/7) clean share over the whole period. [%]"""
+        return 100.0 * self.clean_kwh / self.consumption_kwh if self.consumption_kwh else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "hours": self.hours,
+            "consumption_kwh": round(self.consumption_kwh, 3),
+            "grid_kwh": round(self.grid_kwh, 3),
+            "location_based_kg_co2": round(self.location_based_kg_co2, 3),
+            "market_based_kg_co2": round(self.market_based_kg_co2, 3),
+            "clean_share_pct": round(self.clean_share_pct, 2),
+            "certificates_minted_mwh": round(self.minted_mwh, 6),
+            "certificates_burned_mwh": round(self.burned_mwh, 6),
+            "certificates_expired_mwh": round(self.expired_mwh, 6),
+            "follow_sun_windows": self.follow_sun_windows,
+        }
+
+
+def summarize_carbon(
+    records: Iterable[EmissionsRecord],
+    certificate_events: Iterable[CertificateEvent],
+    alerts: Iterable[Alert] = (),
+) -> dict[str, SiteCarbon]:
+    """Per site: Scope 2 totals, certificate energy by action, follow-the-sun windows.
+
+    Records and events are counted once per id: the topics are at-least-once.
+    """
+    sites: dict[str, SiteCarbon] = {}
+    seen: set[str] = set()
+    for record in records:
+        if record.record_id in seen:
+            continue
+        seen.add(record.record_id)
+        site = sites.setdefault(record.site, SiteCarbon())
+        load_kwh = record.grid_energy_kwh + record.solar_energy_kwh + record.battery_energy_kwh
+        site.hours += 1
+        site.consumption_kwh += load_kwh
+        site.grid_kwh += record.grid_energy_kwh
+        site.location_based_kg_co2 += record.location_based_kg_co2
+        site.market_based_kg_co2 += record.market_based_kg_co2
+        site.clean_kwh += load_kwh * record.clean_share_pct / 100.0
+    for event in certificate_events:
+        if event.event_id in seen:
+            continue
+        seen.add(event.event_id)
+        site = sites.setdefault(event.site, SiteCarbon())
+        if event.action is CertificateAction.MINT:
+            site.minted_mwh += event.energy_mwh
+        elif event.action is CertificateAction.BURN:
+            site.burned_mwh += event.energy_mwh
+        else:
+            site.expired_mwh += event.energy_mwh
+    windows = {
+        (a.site, a.alert_id)
+        for a in alerts
+        if a.alert_type == "follow_the_sun" and a.status is AlertStatus.FIRING
+    }
+    for site_id, _ in windows:
+        sites.setdefault(site_id, SiteCarbon()).follow_sun_windows += 1
+    return dict(sorted(sites.items()))

@@ -18,7 +18,16 @@ import mode
 from pydantic import BaseModel
 
 from pipeline import codec, topics
-from pipeline.schemas import Alert, Command, TelemetryBatch, dead_letter
+from pipeline.schemas import (
+    Alert,
+    CarbonIntensity,
+    CertificateEvent,
+    Command,
+    EmissionsRecord,
+    PriceTick,
+    TelemetryBatch,
+    dead_letter,
+)
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -104,18 +113,31 @@ async def decode_telemetry_event(event: Any, dlq: DeadLetters) -> TelemetryBatch
 OUTPUT_TOPICS: dict[type[BaseModel], topics.TopicSpec] = {
     Alert: topics.ALERTS,
     Command: topics.COMMANDS,
+    EmissionsRecord: topics.EMISSIONS,
+    CertificateEvent: topics.CERTIFICATES,
 }
 """Where a site agent's outputs go, by message type."""
 
+SiteOutput = Alert | Command | EmissionsRecord | CertificateEvent
+SiteStep = Callable[[str, TelemetryBatch], Sequence[SiteOutput]]
+CarbonStep = Callable[[str, CarbonIntensity], Sequence[SiteOutput]]
+PriceStep = Callable[[str, PriceTick], Sequence[SiteOutput]]
 
-SiteStep = Callable[[str, TelemetryBatch], Sequence[Alert | Command]]
+
+@dataclass(frozen=True)
+class _Steps:
+    name: str
+    sites: frozenset[str]
+    telemetry: SiteStep | None
+    carbon: CarbonStep | None
+    prices: PriceStep | None
 
 
 @dataclass
 class _SiteSteps:
-    """The steps of one app's site agents, fed by one telemetry agent."""
+    """The steps of one app's site agents, fed by one Faust agent."""
 
-    steps: list[tuple[str, frozenset[str], SiteStep]] = field(default_factory=list)
+    steps: list[_Steps] = field(default_factory=list)
 
 
 _SITE_STEPS: weakref.WeakKeyDictionary[faust.App, _SiteSteps] = weakref.WeakKeyDictionary()
@@ -129,39 +151,88 @@ def site_telemetry_agent(
     step: SiteStep,
 ) -> None:
     """Feed each telemetry batch of ``sites`` to ``step`` and send what it returns (alerts
-    to the alerts topic, commands to the commands topic), in order.
+    to the alerts topic, commands to the commands topic...), in order. See :func:`site_agent`.
+    """
+    site_agent(app, settings, name, sites, telemetry=step)
 
-    ``step(site, batch)`` is the processor's engine, with its table reads and writes
-    (Faust tables are read and written synchronously); ``name`` names the processor.
-    Every site agent of an app shares one Faust agent: a batch is decoded once, then
-    given to each step in the order they were registered. Undecodable telemetry is
-    skipped: the arbitrage agent reads the same records and dead-letters them once.
+
+def site_agent(
+    app: faust.App,
+    settings: Settings,
+    name: str,
+    sites: Collection[str],
+    *,
+    telemetry: SiteStep | None = None,
+    carbon: CarbonStep | None = None,
+    prices: PriceStep | None = None,
+) -> None:
+    """Feed a site's telemetry batches, carbon intensities (``site-carbon``) and price ticks
+    (``site-prices``) to the given steps, and send what they return to ``OUTPUT_TOPICS``.
+
+    A step is the processor's engine, with its table reads and writes (Faust tables are
+    read and written synchronously); ``name`` names the processor. Every site agent of
+    an app shares one Faust agent over the three co-partitioned topics: a batch is decoded
+    once, then given to each step in the order they were registered, and a site's
+    readings, intensities and prices reach its steps in one stream, in their order on
+    the partition. Undecodable telemetry is skipped: the arbitrage agent reads the same
+    records and dead-letters them once (intensities and prices were validated by their
+    fan-out).
     """
     registry = _SITE_STEPS.get(app)
     if registry is None:
         registry = _SITE_STEPS[app] = _SiteSteps()
         _register_site_agent(app, settings, registry)
-    registry.steps.append((name, frozenset(sites), step))
+    registry.steps.append(_Steps(name, frozenset(sites), telemetry, carbon, prices))
 
 
 def _register_site_agent(app: faust.App, settings: Settings, registry: _SiteSteps) -> None:
-    source = raw_topic(app, settings, topics.TELEMETRY)
+    source = raw_topic(app, settings, topics.TELEMETRY, topics.SITE_CARBON, topics.SITE_PRICES)
+    carbon_topic = settings.topic(topics.SITE_CARBON)
+    prices_topic = settings.topic(topics.SITE_PRICES)
     outputs = {kind: raw_topic(app, settings, spec) for kind, spec in OUTPUT_TOPICS.items()}
+
+    def run_steps(message: Any, site: str) -> list[SiteOutput]:
+        out: list[SiteOutput] = []
+        steps = [s for s in registry.steps if site in s.sites]
+        if message.topic == carbon_topic:
+            carbon_steps = [s.carbon for s in steps if s.carbon is not None]
+            intensity = _decode_internal(CarbonIntensity, message) if carbon_steps else None
+            if intensity is not None:
+                for carbon_step in carbon_steps:
+                    out.extend(carbon_step(site, intensity))
+        elif message.topic == prices_topic:
+            price_steps = [s.prices for s in steps if s.prices is not None]
+            tick = _decode_internal(PriceTick, message) if price_steps else None
+            if tick is not None:
+                for price_step in price_steps:
+                    out.extend(price_step(site, tick))
+        else:
+            telemetry_steps = [s.telemetry for s in steps if s.telemetry is not None]
+            if not telemetry_steps:
+                return out
+            batch, _ = codec.decode_telemetry(message.value)
+            if batch is None or batch.site != site:
+                return out  # dead-lettered by the arbitrage agent
+            for telemetry_step in telemetry_steps:
+                out.extend(telemetry_step(site, batch))
+        return out
 
     async def site_agents(stream: Any) -> None:
         async for event in stream.events():
             message = event.message
             site = (message.key or b"").decode("utf-8", "replace")
-            steps = [step for _, sites, step in registry.steps if site in sites]
-            if not steps:
-                continue
-            batch, _ = codec.decode_telemetry(message.value)
-            if batch is None or batch.site != site:
-                continue  # dead-lettered by the arbitrage agent
-            for step in steps:
-                for item in step(site, batch):
-                    await outputs[type(item)].send(key=site.encode(), value=codec.encode(item))
+            for item in run_steps(message, site):
+                await outputs[type(item)].send(key=site.encode(), value=codec.encode(item))
 
     app.agent(source, name=f"{__name__}.site_agents", supervisor_strategy=AGENT_SUPERVISOR)(
         site_agents
     )
+
+
+def _decode_internal(model: type[M], message: Any) -> M | None:
+    """Decode a record of an internal fan-out topic (validated when it was fanned out)."""
+    try:
+        return codec.decode(model, message.value)
+    except codec.DecodeError as error:
+        log.error("skipped an invalid record on %s: %s", message.topic, error.reason)
+        return None

@@ -91,6 +91,8 @@ def print_demo_result(result: DemoResult) -> None:
         f"[bold]{summary.revenue:,.2f}",
     )
     console.print(table)
+    if result.carbon:
+        console.print(_carbon_table(result))
     console.print(
         f"readings replayed {result.readings_replayed:,} (bad rows {result.bad_rows}), "
         f"prices {result.prices_replayed}, dead letters {result.dead_letters}, "
@@ -99,3 +101,37 @@ def print_demo_result(result: DemoResult) -> None:
     )
     if result.report_path is not None:
         console.print(f"report with charts: {result.report_path}")
+
+
+def _carbon_table(result: DemoResult) -> Table:
+    table = Table(
+        title="Scope 2 (location- and market-based), 24/7 clean share, certificates",
+        title_justify="left",
+    )
+    for column in (
+        "site",
+        "hours",
+        "consumed kWh",
+        "from grid kWh",
+        "location kg CO2",
+        "market kg CO2",
+        "clean %",
+        "certs minted MWh",
+        "burned MWh",
+        "follow-the-sun windows",
+    ):
+        table.add_column(column, justify="right" if column != "site" else "left")
+    for site, c in result.carbon.items():
+        table.add_row(
+            site,
+            str(c.hours),
+            f"{c.consumption_kwh:,.1f}",
+            f"{c.grid_kwh:,.1f}",
+            f"{c.location_based_kg_co2:,.1f}",
+            f"{c.market_based_kg_co2:,.1f}",
+            f"{c.clean_share_pct:.1f}",
+            f"{c.minted_mwh:.3f}",
+            f"{c.burned_mwh:.3f}",
+            str(c.follow_sun_windows),
+        )
+    return table

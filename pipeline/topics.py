@@ -85,6 +85,14 @@ SITE_PRICES = TopicSpec(
     description="Price ticks fanned out to each site of their market, co-partitioned "
     "with telemetry so one worker joins a site's readings and prices.",
 )
+SITE_CARBON = TopicSpec(
+    "wattstream.site-carbon",
+    schemas.CarbonIntensity,
+    key="site",
+    internal=True,
+    description="Carbon intensities fanned out to each site of their zone, co-partitioned "
+    "with telemetry so one worker joins a site's readings and its grid's intensity.",
+)
 DECISIONS = TopicSpec(
     "wattstream.decisions",
     schemas.Decision,
@@ -142,6 +150,7 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     PRICES,
     CARBON,
     SITE_PRICES,
+    SITE_CARBON,
     DECISIONS,
     ALERTS,
     ALLOCATIONS,

@@ -90,24 +90,43 @@ Everything here is plain Python (no Faust import); the state is JSON.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Annotated, Any, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipeline import codec, topics
 from pipeline.schemas import (
     BatteryReading,
     CarbonIntensity,
+    CertificateEvent,
     EmissionsRecord,
     Identifier,
     MeterReading,
     Reading,
     SolarReading,
+    TelemetryBatch,
     stable_id,
 )
-from pipeline.settings import SiteConfig, time_zone, validate_section
+from pipeline.settings import (
+    Settings,
+    SettingsError,
+    SiteConfig,
+    time_zone,
+    validate_section,
+)
+from processors.certificates import (
+    CertificateLedger,
+    CertificateSettings,
+    certificate_settings,
+    claimed_kwh,
+    settle_hour,
+)
+
+if TYPE_CHECKING:
+    import faust
 
 log = logging.getLogger(__name__)
 
@@ -179,19 +198,23 @@ class HourFlows:
     solar_kwh: float = 0.0
     charge_kwh: float = 0.0
     discharge_kwh: float = 0.0
+    solar_by_device_kwh: dict[str, float] = field(default_factory=dict)
+    """``solar_kwh`` by generation device (certificates name their device)."""
 
-    def to_json(self) -> list[float]:
+    def to_json(self) -> list[Any]:
         return [
             self.import_kwh,
             self.export_kwh,
             self.solar_kwh,
             self.charge_kwh,
             self.discharge_kwh,
+            self.solar_by_device_kwh,
         ]
 
     @classmethod
-    def from_json(cls, data: list[float]) -> HourFlows:
-        return cls(*data)
+    def from_json(cls, data: list[Any]) -> HourFlows:
+        import_kwh, export_kwh, solar_kwh, charge_kwh, discharge_kwh, by_device = data
+        return cls(import_kwh, export_kwh, solar_kwh, charge_kwh, discharge_kwh, dict(by_device))
 
 
 @dataclass(frozen=True)
@@ -288,6 +311,10 @@ class CarbonPool:
     @classmethod
     def from_json(cls, data: list[float]) -> CarbonPool:
         return cls(*data)
+
+
+Certify = Callable[[datetime, HourFlows, HourSplit], float]
+"""(hour start, the hour's flows, their split) -> certified grid kWh of the hour."""
 
 
 @dataclass(frozen=True)
@@ -462,10 +489,19 @@ class CarbonState:
 class CarbonEngine:
     """Scope 2 of one site: feed readings, intensities and certificates; get hourly records."""
 
-    def __init__(self, site: str, cfg: CarbonSettings, state: CarbonState | None = None) -> None:
+    def __init__(
+        self,
+        site: str,
+        cfg: CarbonSettings,
+        state: CarbonState | None = None,
+        certify: Certify | None = None,
+    ) -> None:
         self.site = site
         self.cfg = cfg
         self.state = state if state is not None else CarbonState()
+        self.certify = certify
+        """Called once per hour before it is accounted: the kWh of the hour's grid energy
+        that the site's certificates cover (see :func:`processors.certificates.settle_hour`)."""
 
     # inputs
 
@@ -497,7 +533,7 @@ class CarbonEngine:
                 state.ignored_readings += 1
                 continue
             if device is not None and device.open:
-                self._integrate(device, ts)
+                self._integrate(reading.device, device, ts)
             assert isinstance(reading, MeterReading | SolarReading | BatteryReading)
             power_kw = float(reading.power_kw)
             state.devices[reading.device] = _Device(role, _iso(ts), power_kw)
@@ -535,7 +571,7 @@ class CarbonEngine:
 
     # integration
 
-    def _integrate(self, device: _Device, until: datetime) -> None:
+    def _integrate(self, device_id: str, device: _Device, until: datetime) -> None:
         """Hold the device's last power from its ts to ``until`` (capped by the hold)."""
         start = datetime.fromisoformat(device.ts)
         end = min(until, start + timedelta(seconds=self.cfg.max_hold_s))
@@ -552,7 +588,10 @@ class CarbonEngine:
                 else:
                     flows.export_kwh -= energy_kwh
             elif device.role == "solar":
-                flows.solar_kwh += max(0.0, energy_kwh)
+                solar_kwh = max(0.0, energy_kwh)
+                flows.solar_kwh += solar_kwh
+                by_device = flows.solar_by_device_kwh
+                by_device[device_id] = by_device.get(device_id, 0.0) + solar_kwh
             elif energy_kwh >= 0:
                 flows.discharge_kwh += energy_kwh
             else:
@@ -564,9 +603,9 @@ class CarbonEngine:
             return
         clock = datetime.fromisoformat(self.state.clock)
         hold = timedelta(seconds=self.cfg.max_hold_s)
-        for device in self.state.devices.values():
+        for device_id, device in self.state.devices.items():
             if device.open and datetime.fromisoformat(device.ts) + hold <= clock:
-                self._integrate(device, clock)
+                self._integrate(device_id, device, clock)
 
     def _complete(self, hour_end: datetime) -> bool:
         state = self.state
@@ -632,6 +671,8 @@ class CarbonEngine:
                 )
             flows = state.hours.pop(key)
             certified = state.certified_kwh.pop(key, 0.0)
+            if self.certify is not None:
+                certified += self.certify(hour, flows, split_hour(flows))
             out.append(
                 account_hour(self.site, hour, flows, intensity, certified, state.pool, self.cfg)
             )
@@ -653,3 +694,176 @@ class CarbonEngine:
             for h, v in state.certified_kwh.items()
             if datetime.fromisoformat(h) >= emitted_until
         }
+
+
+# --- certificates of the same hourly flows -------------------------------------------------
+
+
+def certify_with_ledger(
+    load_ledger: Callable[[], CertificateLedger],
+    settings: CertificateSettings,
+    site: str,
+    events: list[CertificateEvent],
+) -> Certify:
+    """The :class:`CarbonEngine` hook that settles each hour in the site's own ledger.
+
+    The site claims its own certificates for the hour's consumption: the solar it consumed
+    directly, then the energy it bought (to load and to battery). Self-consumed solar comes
+    first because it is the certificates' own energy: a site that keeps its certificates
+    retires them for it (GHG Protocol Scope 2 Guidance, ch. 6.6: a site that sold them
+    would have to count that energy at the residual mix), so only what is left covers
+    purchased energy in the market-based figure. New ledger events are appended to
+    ``events``. The ledger is loaded on the first hour settled (most batches settle none).
+    """
+    loaded: list[CertificateLedger] = []
+
+    def certify(hour_start: datetime, flows: HourFlows, split: HourSplit) -> float:
+        if not loaded:
+            loaded.append(load_ledger())
+        ledger = loaded[0]
+        consumption_kwh = (
+            split.solar_to_load_kwh + split.grid_to_load_kwh + split.grid_to_battery_kwh
+        )
+        events.extend(
+            settle_hour(
+                ledger,
+                settings,
+                hour_start,
+                flows.solar_by_device_kwh,
+                max(0.0, consumption_kwh),
+                claimed_by=site,
+            )
+        )
+        # From the ledger, not the new events: an hour settled before a restart (ledger
+        # saved, carbon state not yet) is re-accounted with the certificates it claimed.
+        return max(0.0, claimed_kwh(ledger, hour_start, site) - split.solar_to_load_kwh)
+
+    return certify
+
+
+# --- Kafka wiring ------------------------------------------------------------------------------
+
+
+def sites_in_zone(zones: dict[str, str], zone: str) -> list[str]:
+    """The sites (of ``site -> zone``) whose grid is ``zone``, in a stable order."""
+    return sorted(site for site, site_zone in zones.items() if site_zone == zone)
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    """Wire Scope 2 accounting and the certificate ledger to Kafka.
+
+    Intensities are keyed by zone; a fan-out agent re-keys each to the sites of its zone
+    on ``site-carbon`` (as prices are on ``site-prices``), so one worker sees a site's
+    readings and its grid's intensity. The site step keeps two tables keyed by site: the
+    engine's state (written with every batch it changes, so a restart resumes from the
+    committed offset with nothing counted twice: a reading at or before a device's last
+    one is ignored) and the certificate ledger (written when an hour is settled).
+    """
+    from pipeline.streams import AGENT_SUPERVISOR, DeadLetters, decode_event, raw_topic, site_agent
+
+    configs = {site.id: cfg for site in settings.sites if (cfg := carbon_settings(site))}
+    certificates = {}
+    for site in settings.sites:
+        cert_cfg = certificate_settings(site)
+        if cert_cfg is None:
+            continue
+        if site.id not in configs:
+            raise SettingsError(
+                f"sites[{site.id}].certificates needs sites[{site.id}].carbon: certificates "
+                "are minted and claimed from the hourly flows the carbon accounting meters"
+            )
+        certificates[site.id] = cert_cfg
+    zones = {site: cfg.zone for site, cfg in configs.items()}
+    zones.update(follow_sun_zones(settings, zones))
+
+    carbon = raw_topic(app, settings, topics.CARBON)
+    site_carbon = raw_topic(app, settings, topics.SITE_CARBON)
+    dlq = DeadLetters(app, settings, component=__name__)
+
+    @app.agent(carbon, name=f"{__name__}.fan_out", supervisor_strategy=AGENT_SUPERVISOR)
+    async def fan_out(stream: Any) -> None:
+        async for event in stream.events():
+            intensity = await decode_event(CarbonIntensity, event, dlq)
+            if intensity is None:
+                continue
+            value = codec.encode(intensity)
+            for site in sites_in_zone(zones, intensity.zone):
+                await site_carbon.send(key=site.encode(), value=value)
+
+    if not configs:
+        return
+    state_table = app.Table(
+        f"{settings.app_id}-carbon-state",
+        default=None,
+        partitions=settings.partitions,
+        help="Per-site Scope 2 engine: open hours, devices' last readings, battery pool.",
+    )
+    ledger_table = app.Table(
+        f"{settings.app_id}-certificate-ledger",
+        default=None,
+        partitions=settings.partitions,
+        help="Per-site guarantee-of-origin ledger (its events and the minting memory).",
+    )
+
+    def run(site: str, feed: Callable[[CarbonEngine], list[EmissionsRecord]]) -> list[Any]:
+        state = CarbonState.from_json(state_table.get(site))
+        before = state.to_json()
+        events: list[CertificateEvent] = []
+        ledgers: list[CertificateLedger] = []
+
+        def load_ledger() -> CertificateLedger:
+            saved = ledger_table.get(site)
+            ledgers.append(CertificateLedger.from_json(saved) if saved else CertificateLedger(site))
+            return ledgers[0]
+
+        cert_cfg = certificates.get(site)
+        certify = (
+            None if cert_cfg is None else certify_with_ledger(load_ledger, cert_cfg, site, events)
+        )
+        records = feed(CarbonEngine(site, configs[site], state, certify))
+        after = state.to_json()
+        if after != before:
+            state_table[site] = after
+        if ledgers:  # an hour was settled: its carry and claims changed, if no event did
+            ledger_table[site] = ledgers[0].to_json()
+        return _in_hour_order(events, records)
+
+    def on_telemetry(site: str, batch: TelemetryBatch) -> list[Any]:
+        return run(site, lambda engine: engine.add_readings(batch.readings))
+
+    def on_carbon(site: str, intensity: CarbonIntensity) -> list[Any]:
+        return run(site, lambda engine: engine.add_intensity(intensity))
+
+    site_agent(
+        app, settings, f"{__name__}.scope2", configs, telemetry=on_telemetry, carbon=on_carbon
+    )
+
+
+def _in_hour_order(
+    events: list[CertificateEvent], records: list[EmissionsRecord]
+) -> list[CertificateEvent | EmissionsRecord]:
+    """Each hour's ledger events, then its emissions record."""
+    out: list[CertificateEvent | EmissionsRecord] = []
+    pending = list(events)
+    for record in records:
+        out += [e for e in pending if e.hour_start < record.end]
+        pending = [e for e in pending if e.hour_start >= record.end]
+        out.append(record)
+    return out + pending
+
+
+def follow_sun_zones(settings: Settings, zones: dict[str, str]) -> dict[str, str]:
+    """The zone of each follow-the-sun site: its carbon zone, required at start-up."""
+    from processors.follow_sun import follow_sun_settings
+
+    out = {}
+    for site in settings.sites:
+        if follow_sun_settings(site) is None:
+            continue
+        if site.id not in zones:
+            raise SettingsError(
+                f"sites[{site.id}].follow_sun needs sites[{site.id}].carbon.zone: the zone "
+                "whose carbon intensity it follows"
+            )
+        out[site.id] = zones[site.id]
+    return out

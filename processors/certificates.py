@@ -2,11 +2,13 @@
 
 One certificate (``CertificateEvent.energy_mwh`` = 1.0) stands for one MWh of metered
 on-site solar. RED II (Directive (EU) 2018/2001, art. 19(2)) fixes the standard size of a
-guarantee of origin at 1 MWh, so a certificate is never split.
+guarantee of origin at 1 MWh, so a certificate is never split. A site may choose a smaller
+unit (``unit_kwh``, EnergyTag's granular certificates): a home never consumes a MWh in an
+hour, so under hourly matching it could never claim a 1 MWh certificate.
 
 **Minting.** :func:`mint` takes the solar energy a generation device metered in one hour
 *so far* (the hour's running total, not an increment) and adds what is new to the device's
-carry. Each full MWh of carry mints one certificate; the fraction carries over to the
+carry. Each full MWh (unit) of carry mints one certificate; the fraction carries over to the
 device's next hours (never to another device: a certificate names one device). The
 certificate's ``hour_start`` is the hour in which its MWh was completed. Its id is
 ``stable_id("goo", site, device, serial)`` with a per-device serial, and every event id
@@ -18,7 +20,7 @@ watermark would) so that does not happen on healthy telemetry.
 
 **Claiming (hourly matching).** :func:`claim` burns certificates minted in the *same*
 hour as the consumption, up to the consumption, whole certificates only: ``n`` MWh of
-consumption burn at most ``floor(n)`` certificates. Why whole certificates and not a
+consumption burn at most ``floor(n)`` 1 MWh certificates. Why whole certificates and not a
 claimed fraction per certificate: the GHG Protocol Scope 2 quality criteria require that
 an energy attribute certificate conveys the attributes of exactly the energy claimed and
 is retired once, so burning a 1 MWh certificate against 0.4 MWh would claim energy that was
@@ -71,7 +73,7 @@ from __future__ import annotations
 
 import calendar
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -99,6 +101,11 @@ class CertificateSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
+    unit_kwh: float = Field(default=CERTIFICATE_KWH, gt=0, le=CERTIFICATE_KWH)
+    """Energy of one certificate. 1000 (1 MWh) is RED II's guarantee of origin; sites far
+    below a megawatt never consume 1 MWh in an hour, so under hourly matching their
+    certificates could never be claimed: EnergyTag's granular certificates use smaller
+    units (1 kWh, or 1 Wh) for exactly that. [kWh]"""
     validity_months: int = Field(default=12, ge=1, le=120)
     """Validity from production; 12 is RED II art. 19(3) for guarantees of origin. [months]"""
     generation_devices: list[Identifier] = Field(default_factory=list)
@@ -307,14 +314,21 @@ def apply(ledger: CertificateLedger, event: CertificateEvent) -> bool:
 
 
 def mint(
-    ledger: CertificateLedger, device: str, hour_start: datetime, solar_kwh: float
+    ledger: CertificateLedger,
+    device: str,
+    hour_start: datetime,
+    solar_kwh: float,
+    unit_kwh: float = CERTIFICATE_KWH,
 ) -> list[CertificateEvent]:
-    """Mint a certificate for each full MWh of ``device``'s metered solar, and apply them.
+    """Mint a certificate for each full ``unit_kwh`` (1 MWh) of ``device``'s metered solar,
+    and apply them.
 
     ``solar_kwh`` is the device's metered energy in the hour containing ``hour_start`` so
     far (a running total). Returns the new MINT events (empty on a replay). [kWh]
     """
     _check_energy("solar_kwh", solar_kwh)
+    if not 0 < unit_kwh <= CERTIFICATE_KWH:
+        raise ValueError(f"unit_kwh must be in (0, {CERTIFICATE_KWH:g}], got {unit_kwh!r}")
     hour = _hour(hour_start)
     meter = ledger.meters.setdefault(device, DeviceMeter())
     if meter.hour is not None and hour < meter.hour:
@@ -325,8 +339,8 @@ def mint(
     meter.hour, meter.hour_kwh = hour, solar_kwh
     meter.carry_kwh += new_kwh
     events = []
-    while meter.carry_kwh >= CERTIFICATE_KWH - ENERGY_TOL_KWH:
-        meter.carry_kwh = max(0.0, meter.carry_kwh - CERTIFICATE_KWH)
+    while meter.carry_kwh >= unit_kwh - ENERGY_TOL_KWH:
+        meter.carry_kwh = max(0.0, meter.carry_kwh - unit_kwh)
         meter.serial += 1
         certificate_id = stable_id("goo", ledger.site, device, meter.serial)
         event = CertificateEvent(
@@ -336,7 +350,7 @@ def mint(
             site=ledger.site,
             device=device,
             hour_start=hour,
-            energy_mwh=CERTIFICATE_MWH,
+            energy_mwh=unit_kwh / 1000.0,
             at=hour + HOUR,  # the MWh is complete at the latest at the hour's end
         )
         apply(ledger, event)
@@ -373,9 +387,12 @@ def claim(
         elif certificate.status is CertificateStatus.ACTIVE:
             active.append(minted)
     uncovered_kwh = consumption_kwh - matched_mwh * 1000.0
-    count = max(0, math.floor((uncovered_kwh + ENERGY_TOL_KWH) / CERTIFICATE_KWH))
     events = []
-    for minted in sorted(active, key=lambda m: m.certificate_id)[:count]:
+    for minted in sorted(active, key=lambda m: m.certificate_id):
+        certificate_kwh = minted.energy_mwh * 1000.0
+        if certificate_kwh > uncovered_kwh + ENERGY_TOL_KWH:
+            break  # whole certificates only: the rest of the hour stays uncovered
+        uncovered_kwh -= certificate_kwh
         event = CertificateEvent(
             event_id=stable_id("goo-burn", minted.certificate_id, claimed_by),
             certificate_id=minted.certificate_id,
@@ -428,7 +445,40 @@ def expire(
     return events
 
 
+def settle_hour(
+    ledger: CertificateLedger,
+    settings: CertificateSettings,
+    hour_start: datetime,
+    solar_by_device_kwh: Mapping[str, float],
+    consumption_kwh: float,
+    claimed_by: str,
+) -> list[CertificateEvent]:
+    """Everything one closed hour does to the ledger, in order: mint each generation
+    device's metered solar, claim the hour's consumption, and expire what ended by the
+    hour's end. Returns the new events (none when the hour was settled before). [kWh]
+    """
+    events: list[CertificateEvent] = []
+    for device in sorted(solar_by_device_kwh):
+        if settings.counts(device):
+            energy_kwh = solar_by_device_kwh[device]
+            events += mint(ledger, device, hour_start, energy_kwh, settings.unit_kwh)
+    events += claim(ledger, hour_start, consumption_kwh, claimed_by)
+    events += expire(ledger, _hour(hour_start) + HOUR, settings)
+    return events
+
+
 # --- queries ------------------------------------------------------------------------
+
+
+def claimed_kwh(ledger: CertificateLedger, hour_start: datetime, claimed_by: str) -> float:
+    """Energy of the certificates ``claimed_by`` burned for the hour (valid burns only). [kWh]"""
+    hour = _hour(hour_start)
+    total_mwh = 0.0
+    for minted, certificate in _counted(ledger):
+        burn = certificate.burn
+        if minted.hour_start == hour and burn is not None and burn.claimed_by == claimed_by:
+            total_mwh += minted.energy_mwh
+    return total_mwh * 1000.0
 
 
 def _counted(ledger: CertificateLedger) -> Iterable[tuple[CertificateEvent, _Certificate]]:

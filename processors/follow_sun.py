@@ -29,15 +29,28 @@ Plain Python (no Faust import).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.schemas import Alert, Command, Identifier, Severity, stable_id
-from pipeline.settings import SiteConfig, validate_section
+from pipeline.schemas import (
+    Alert,
+    CarbonIntensity,
+    Command,
+    Identifier,
+    PriceTick,
+    Severity,
+    TelemetryBatch,
+    stable_id,
+)
+from pipeline.settings import Settings, SiteConfig, validate_section
 from processors.alerting import firing, resolved
+
+if TYPE_CHECKING:
+    import faust
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 Pct = Annotated[float, Field(ge=0, le=100)]
@@ -105,6 +118,22 @@ class FollowSunState:
     running_since: dict[str, datetime] = field(default_factory=dict)
     """Jobs started by the open (or a closed) window and not yet stopped."""
     last_start: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "alert": None if self.alert is None else self.alert.model_dump(mode="json"),
+            "running_since": {d: t.isoformat() for d, t in self.running_since.items()},
+            "last_start": None if self.last_start is None else self.last_start.isoformat(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FollowSunState:
+        alert, last = data["alert"], data["last_start"]
+        return cls(
+            alert=None if alert is None else Alert.model_validate(alert),
+            running_since={d: datetime.fromisoformat(t) for d, t in data["running_since"].items()},
+            last_start=None if last is None else datetime.fromisoformat(last),
+        )
 
 
 def clean(settings: FollowSunSettings, interval: GridInterval, margin_pct: float = 0.0) -> bool:
@@ -211,3 +240,184 @@ class FollowSun:
                 source_id=None if alert is None else alert.alert_id,
             )
         ]
+
+
+# --- the grid intervals of a site, as its event time reaches them ---------------------------
+
+
+@dataclass
+class GridFeedState:
+    """What the follow-the-sun agent of one site remembers (a Faust table value)."""
+
+    rule: FollowSunState = field(default_factory=FollowSunState)
+    prices: dict[datetime, tuple[datetime, float]] = field(default_factory=dict)
+    """Interval start -> (end, price), intervals not judged yet."""
+    intensities: dict[datetime, tuple[datetime, float, float | None]] = field(default_factory=dict)
+    """Interval start -> (end, gCO2/kWh, renewable %)."""
+    clock: datetime | None = None
+    """The site's event time: its latest reading."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule.to_json(),
+            "prices": {s.isoformat(): [e.isoformat(), p] for s, (e, p) in self.prices.items()},
+            "intensities": {
+                s.isoformat(): [e.isoformat(), c, r] for s, (e, c, r) in self.intensities.items()
+            },
+            "clock": None if self.clock is None else self.clock.isoformat(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> GridFeedState:
+        if not data:
+            return cls()
+        return cls(
+            rule=FollowSunState.from_json(data["rule"]),
+            prices={
+                datetime.fromisoformat(s): (datetime.fromisoformat(e), p)
+                for s, (e, p) in data["prices"].items()
+            },
+            intensities={
+                datetime.fromisoformat(s): (datetime.fromisoformat(e), c, r)
+                for s, (e, c, r) in data["intensities"].items()
+            },
+            clock=None if data["clock"] is None else datetime.fromisoformat(data["clock"]),
+        )
+
+
+class GridFeed:
+    """Joins a site's price ticks with its zone's intensities into :class:`GridInterval`s
+    and judges each with :class:`FollowSun` when the site's event time reaches its start.
+
+    Prices come a day ahead and intensities may come late: an interval is judged once
+    the site's latest reading is at or past its start, with the latest price of the
+    interval and the time-weighted intensity over it. If the intensity does not cover
+    the interval yet, judging waits until the interval has ended, and then goes on with
+    what is known (no intensity: not clean), so one missing value never stalls the site.
+    A replayed or late value for a judged interval changes nothing.
+    """
+
+    def __init__(self, site: str, settings: FollowSunSettings) -> None:
+        self.rule = FollowSun(site, settings)
+
+    def add_price(self, state: GridFeedState, tick: PriceTick) -> list[Alert | Command]:
+        if not self._judged(state, tick.start):
+            state.prices[tick.start] = (tick.end, tick.price_per_kwh)
+        return self._judge(state)
+
+    def add_intensity(
+        self, state: GridFeedState, intensity: CarbonIntensity
+    ) -> list[Alert | Command]:
+        if not self._judged(state, intensity.end - timedelta(microseconds=1)):
+            state.intensities[intensity.start] = (
+                intensity.end,
+                intensity.co2_g_per_kwh,
+                intensity.renewable_share_pct,
+            )
+        return self._judge(state)
+
+    def advance(self, state: GridFeedState, now: datetime) -> list[Alert | Command]:
+        """The site's event time moved to ``now`` (a reading's time)."""
+        if state.clock is None or now > state.clock:
+            state.clock = now
+        return self._judge(state)
+
+    @staticmethod
+    def _judged(state: GridFeedState, start: datetime) -> bool:
+        last = state.rule.last_start
+        return last is not None and start <= last
+
+    def _judge(self, state: GridFeedState) -> list[Alert | Command]:
+        out: list[Alert | Command] = []
+        clock = state.clock
+        for start in sorted(state.prices):
+            if clock is None or clock < start:
+                break
+            end, price = state.prices[start]
+            co2, share, covered = self._intensity(state, start, end)
+            if not covered and clock < end:
+                break  # the intensity may still come
+            del state.prices[start]
+            out += self.rule.on_interval(state.rule, GridInterval(start, end, co2, share, price))
+        last = state.rule.last_start
+        if last is not None:
+            state.intensities = {s: v for s, v in state.intensities.items() if v[0] > last}
+        return out
+
+    @staticmethod
+    def _intensity(
+        state: GridFeedState, start: datetime, end: datetime
+    ) -> tuple[float | None, float | None, bool]:
+        """Time-weighted intensity and share over ``[start, end)``, and whether it is covered."""
+        pieces = []
+        for piece_start, (piece_end, co2, share) in state.intensities.items():
+            lo, hi = max(start, piece_start), min(end, piece_end)
+            if lo < hi:
+                pieces.append(((hi - lo).total_seconds(), co2, share))
+        if not pieces:
+            return None, None, False
+        known_s = sum(seconds for seconds, _, _ in pieces)
+        co2 = sum(seconds * c for seconds, c, _ in pieces) / known_s
+        shares = [(seconds, r) for seconds, _, r in pieces if r is not None]
+        share = (
+            sum(seconds * r for seconds, r in shares) / sum(seconds for seconds, _ in shares)
+            if shares
+            else None
+        )
+        return co2, share, known_s >= (end - start).total_seconds() - 1e-6
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    """Wire follow-the-sun to Kafka: the site's readings (its event time), prices
+    (``site-prices``) and its carbon zone's intensities (``site-carbon``, fanned out by
+    :mod:`processors.carbon`, which also checks at start-up that each follow-the-sun site
+    has a ``[sites.carbon]`` zone) in; demand-response alerts and job commands out.
+    """
+    from pipeline.streams import site_agent
+
+    feeds = {
+        site.id: GridFeed(site.id, cfg)
+        for site in settings.sites
+        if (cfg := follow_sun_settings(site)) is not None
+    }
+    if not feeds:
+        return
+    table = app.Table(
+        f"{settings.app_id}-follow-sun-state",
+        default=None,
+        partitions=settings.partitions,
+        help="Per-site follow-the-sun: the open window, running jobs, intervals to judge.",
+    )
+
+    def step(
+        site: str, update: Callable[[GridFeed, GridFeedState], list[Alert | Command]]
+    ) -> list[Alert | Command]:
+        state = GridFeedState.from_json(table.get(site))
+        before = state.to_json()
+        out = update(feeds[site], state)
+        after = state.to_json()
+        if after != before:
+            table[site] = after
+        return out
+
+    def on_telemetry(site: str, batch: TelemetryBatch) -> list[Alert | Command]:
+        if not batch.readings:
+            return []
+        latest = max(reading.ts for reading in batch.readings)
+        return step(site, lambda feed, state: feed.advance(state, latest))
+
+    def on_carbon(site: str, intensity: CarbonIntensity) -> list[Alert | Command]:
+        return step(site, lambda feed, state: feed.add_intensity(state, intensity))
+
+    def on_price(site: str, tick: PriceTick) -> list[Alert | Command]:
+        return step(site, lambda feed, state: feed.add_price(state, tick))
+
+    site_agent(
+        app,
+        settings,
+        f"{__name__}.follow_sun",
+        feeds,
+        telemetry=on_telemetry,
+        carbon=on_carbon,
+        prices=on_price,
+    )

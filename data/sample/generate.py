@@ -759,20 +759,23 @@ GHI_REF = 850.0
 NEGATIVE_PASS_THROUGH = 0.35  # negative bids cluster just below zero
 
 
-def day_ahead_prices(sky: SkyIndexes) -> pd.DataFrame:
-    """Modelled hourly day-ahead prices (EUR/kWh) for IT-NORD; see README.md."""
-    hours = pd.date_range(START, periods=DAYS * 24, freq="h")
-    rng = rng_for("prices")
-
-    # Hourly mean GHI at the area's reference point (noise-free minute interpolation of
-    # the TMY's clear-sky indexes).
+def area_ghi_hourly(sky: SkyIndexes) -> np.ndarray:
+    """Hourly mean GHI at the area's reference point (noise-free minute interpolation of
+    the TMY's clear-sky indexes). [W/m2]"""
     times = minute_index() + pd.Timedelta(seconds=30)
     solpos, cs = clear_sky(times, AREA_LATITUDE, AREA_LONGITUDE, AREA_ALTITUDE)
     cos_zen = np.clip(np.cos(np.radians(solpos["apparent_zenith"].to_numpy())), 0.0, None)
     kb = interp_to(times, sky.times, sky.beam_index)
     kd = interp_to(times, sky.times, sky.diffuse_index)
     ghi_min = kb * cs["dni"].to_numpy() * cos_zen + kd * cs["ghi"].to_numpy()
-    ghi_hour = ghi_min.reshape(-1, 60).mean(axis=1)
+    return ghi_min.reshape(-1, 60).mean(axis=1)
+
+
+def day_ahead_prices(sky: SkyIndexes) -> pd.DataFrame:
+    """Modelled hourly day-ahead prices (EUR/kWh) for IT-NORD; see README.md."""
+    hours = pd.date_range(START, periods=DAYS * 24, freq="h")
+    rng = rng_for("prices")
+    ghi_hour = area_ghi_hourly(sky)
 
     local = hours.tz_convert(LOCAL_TZ)
     local_day = local.normalize()
@@ -823,6 +826,60 @@ def write_prices(prices: pd.DataFrame, path: Path) -> None:
         lines.append(
             f"{row.time.strftime(fmt)},{row.market},{price},{row.published_at.strftime(fmt)}"
         )
+    path.write_text("\n".join(lines) + "\n", encoding="ascii", newline="\n")
+
+
+# --- grid generation mix --------------------------------------------------------------------------
+
+CARBON_ZONE = "IT-NO"  # the intensity zone of Northern Italy (not the price market)
+DEMAND_BASE_MW = 16_000.0  # the zone's mean load is of this order in spring
+SOLAR_CAPACITY_MW = 11_000.0  # PV in Northern Italy, order of magnitude (2024)
+HYDRO_BASE_MW = 3_600.0  # April: snowmelt run-of-river
+HYDRO_PEAK_MW = 2_400.0  # reservoir hydro, dispatched into the evening peak
+IMPORT_NUCLEAR_MW = 3_000.0  # imports over the Alps, mostly French and Swiss nuclear
+BIOMASS_MW = 1_100.0
+OTHER_MW = 400.0
+GAS_MIN_MW = 2_500.0  # must-run CCGTs and CHP
+
+
+def generation_mix(sky: SkyIndexes) -> pd.DataFrame:
+    """Modelled hourly generation mix of the zone (MW by fuel); see README.md."""
+    hours = pd.date_range(START, periods=DAYS * 24, freq="h")
+    rng = rng_for("carbon")
+    ghi_hour = area_ghi_hourly(sky)
+    local = hours.tz_convert(LOCAL_TZ)
+    wind = 350.0 * np.exp(0.5 * ar1(rng, hours.size, 0.9))
+    rows = []
+    for i, stamp in enumerate(local):
+        wd = stamp.day_of_week
+        shape = WEEKEND_SHAPE if wd >= 5 else WEEKDAY_SHAPE
+        demand = DEMAND_BASE_MW * DAY_FACTOR.get(wd, 1.0) * (0.55 + 0.45 * shape[stamp.hour])
+        solar = SOLAR_CAPACITY_MW * 0.8 * ghi_hour[i] / 1000.0
+        hydro = HYDRO_BASE_MW + HYDRO_PEAK_MW * max(0.0, shape[stamp.hour] - 1.0) / 0.6
+        clean = solar + hydro + wind[i] + IMPORT_NUCLEAR_MW + BIOMASS_MW + OTHER_MW
+        gas = max(GAS_MIN_MW, demand - clean)
+        rows.append(
+            {
+                "time": hours[i],
+                "zone": CARBON_ZONE,
+                "solar": solar,
+                "wind": wind[i],
+                "hydro": hydro,
+                "nuclear": IMPORT_NUCLEAR_MW,
+                "biomass": BIOMASS_MW,
+                "gas": gas,
+                "other": OTHER_MW,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def write_mix(mix: pd.DataFrame, path: Path) -> None:
+    fuels = ["solar", "wind", "hydro", "nuclear", "biomass", "gas", "other"]
+    lines = ["time,zone," + ",".join(fuels)]
+    for row in mix.itertuples(index=False):
+        values = ",".join(f"{getattr(row, fuel):.0f}" for fuel in fuels)
+        lines.append(f"{row.time.strftime('%Y-%m-%dT%H:%M:%SZ')},{row.zone},{values}")
     path.write_text("\n".join(lines) + "\n", encoding="ascii", newline="\n")
 
 
@@ -1010,11 +1067,14 @@ def main() -> None:
     series = [simulate_site(site, tmy, sky) for site in SITES]
     frame = telemetry_frame(series)
     prices = day_ahead_prices(sky)
+    mix = generation_mix(sky)
 
     telemetry_path = out / "telemetry.parquet"
     prices_path = out / "prices.csv"
+    carbon_path = out / "carbon.csv"
     frame.write_parquet(telemetry_path, compression="zstd", compression_level=10, statistics=True)
     write_prices(prices, prices_path)
+    write_mix(mix, carbon_path)
 
     verify(pl.read_parquet(telemetry_path), series, prices)
     print(
@@ -1022,7 +1082,7 @@ def main() -> None:
         f" UTC{tmy.utc_offset_h:+g} relabelled as UTC{TARGET_UTC_OFFSET_H:+d}),"
         f" losses {LOSSES_PCT:.2f} %"
     )
-    for path in (telemetry_path, prices_path):
+    for path in (telemetry_path, prices_path, carbon_path):
         print(f"wrote {path} ({path.stat().st_size:,} bytes, sha256 {sha256(path)})")
 
 

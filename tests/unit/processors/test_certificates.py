@@ -23,9 +23,11 @@ from processors.certificates import (
     balance,
     certificate_settings,
     claim,
+    claimed_kwh,
     expire,
     expires_at,
     mint,
+    settle_hour,
     summary,
     totals,
 )
@@ -513,3 +515,45 @@ def test_arbitrary_events_commute(raw: Any, rnd: random.Random) -> None:
     t = totals(book)
     burned = sum(s is CertificateStatus.BURNED for s, _ in book.statuses().values())
     assert t.burned_mwh == burned  # each burned certificate counted once
+
+
+# --- granular units and settling an hour ----------------------------------------------
+
+
+def test_granular_units_mint_and_burn_in_kwh() -> None:
+    book = ledger()
+    minted = mint(book, "pv-1", hour(0), 3.4, unit_kwh=1.0)
+    assert [e.energy_mwh for e in minted] == [0.001] * 3
+    burned = claim(book, hour(0), 2.7, "site1")
+    assert len(burned) == 2  # whole certificates only: 0.7 kWh stays uncovered
+    assert claimed_kwh(book, hour(0), "site1") == pytest.approx(2.0)
+    assert balance(book) == pytest.approx(0.001)
+    # The 0.4 kWh carried completes a certificate in the next hour with 0.6 kWh more.
+    assert [e.hour_start for e in mint(book, "pv-1", hour(1), 0.6, unit_kwh=1.0)] == [hour(1)]
+    assert conserved(book)
+
+
+@pytest.mark.parametrize("unit", [0.0, -1.0, 1000.1])
+def test_a_unit_outside_zero_to_one_mwh_is_rejected(unit: float) -> None:
+    with pytest.raises(ValueError, match="unit_kwh"):
+        mint(ledger(), "pv-1", hour(0), 5.0, unit_kwh=unit)
+    with pytest.raises(SettingsError, match="unit_kwh"):
+        certificate_settings(SiteConfig(id=SITE, market="M", certificates={"unit_kwh": unit}))
+
+
+def test_settle_hour_mints_counted_devices_claims_and_expires_in_one_call() -> None:
+    cfg = CertificateSettings(unit_kwh=1.0, generation_devices=["pv-1"], validity_months=1)
+    book = ledger()
+    events = settle_hour(book, cfg, hour(0), {"pv-1": 2.5, "pv-roof-of-neighbour": 9.0}, 1.2, SITE)
+    assert [(e.action, e.device) for e in events] == [
+        (CertificateAction.MINT, "pv-1"),
+        (CertificateAction.MINT, "pv-1"),
+        (CertificateAction.BURN, "pv-1"),
+    ]
+    # Settling the same hour again (a restart re-accounting it) adds nothing.
+    assert settle_hour(book, cfg, hour(0), {"pv-1": 2.5}, 1.2, SITE) == []
+    # A month later the unclaimed certificate expires when that hour is settled.
+    later = hour(24 * 31)
+    expired = settle_hour(book, cfg, later, {}, 0.0, SITE)
+    assert [e.action for e in expired] == [CertificateAction.EXPIRE]
+    assert totals(book).expired_mwh == pytest.approx(0.001) and balance(book) == 0.0

@@ -447,3 +447,94 @@ def test_settings_validation() -> None:
     assert CarbonSettings(zone=ZONE).residual_mix_co2_g_per_kwh is None
     # SiteConfig has no carbon section yet: no work for the agent.
     assert carbon_settings(SiteConfig(id="s", market="IT-NORD")) is None
+
+
+# --- certificates claimed from the same hourly flows ---------------------------------------
+
+
+def test_worked_example_with_the_sites_own_certificates() -> None:
+    """By hand, 1 kWh certificates, grid 200 g/kWh (40 % renewable), residual mix 400 g/kWh.
+
+    10:00-10:30 the site imports 2 kW with no sun; 10:30-11:00 the PV makes 6 kW and the
+    site exports 4 kW. Hour 10: import 1 kWh, export 2 kWh, solar 3 kWh, so solar to
+    load 1, solar exported 2, grid to load 1, load 2 kWh. Three certificates are minted;
+    the site claims its 2 kWh of consumption: 2 are burned, the first covering the solar
+    it consumed, the second its 1 kWh of grid energy. Market-based: 0 kg; location-based
+    1 kWh x 200 g = 0.2 kg; clean share (1 + 1 x 40 %) / 2 = 70 %.
+    Hour 11: 2 kW from the grid all hour, no sun, no certificate of that hour: location
+    2 x 200 g = 0.4 kg, market-based at the residual mix 2 x 400 g = 0.8 kg.
+    """
+    from processors.carbon import certify_with_ledger
+    from processors.certificates import (
+        CertificateLedger,
+        CertificateSettings,
+        CertificateStatus,
+        balance,
+    )
+
+    book = CertificateLedger(SITE)
+    events: list[Any] = []
+    settings = cfg(residual_mix_co2_g_per_kwh=400.0)
+    engine = CarbonEngine(
+        SITE,
+        settings,
+        certify=certify_with_ledger(lambda: book, CertificateSettings(unit_kwh=1.0), SITE, events),
+    )
+    ten, half_past, eleven, noon = T0 + 10 * H, T0 + 10.5 * H, T0 + 11 * H, T0 + 12 * H
+    for hour in (10, 11):
+        engine.add_intensity(intensity(hour, 200.0, 40.0))
+    readings: list[Reading] = []
+    for ts, meter_kw, solar_kw in ((ten, 2.0, 0.0), (half_past, -4.0, 6.0), (eleven, 2.0, 0.0)):
+        readings += [
+            MeterReading(device="meter-1", ts=ts, power_kw=meter_kw),
+            SolarReading(device="pv-1", ts=ts, power_kw=solar_kw),
+        ]
+    (first,) = engine.add_readings(readings)  # hour 10 is complete at 11:00
+    (second,) = engine.add_readings(
+        [
+            MeterReading(device="meter-1", ts=noon, power_kw=0.0),
+            SolarReading(device="pv-1", ts=noon, power_kw=0.0),
+        ]
+    )
+
+    assert (first.grid_energy_kwh, first.solar_energy_kwh) == pytest.approx((1.0, 1.0))
+    assert first.location_based_kg_co2 == pytest.approx(0.2)
+    assert first.market_based_kg_co2 == pytest.approx(0.0)
+    assert first.clean_share_pct == pytest.approx(70.0)
+    assert second.location_based_kg_co2 == pytest.approx(0.4)
+    assert second.market_based_kg_co2 == pytest.approx(0.8)
+    actions = [(e.action.value, e.hour_start) for e in events]
+    assert actions == [("MINT", ten)] * 3 + [("BURN", ten)] * 2
+    statuses = [status for status, _ in book.statuses().values()]
+    assert statuses.count(CertificateStatus.BURNED) == 2
+    assert balance(book) == pytest.approx(0.001)
+
+
+def test_an_hour_settled_before_a_restart_keeps_its_certificates() -> None:
+    """The ledger was saved after hour 10 was settled, the carbon state was not: the
+    restarted engine accounts hour 10 again; no certificate is minted or burned twice and
+    the record is the same."""
+    from processors.carbon import certify_with_ledger
+    from processors.certificates import CertificateLedger, CertificateSettings
+
+    def run(book: CertificateLedger, events: list[Any]) -> list[EmissionsRecord]:
+        engine = CarbonEngine(
+            SITE,
+            cfg(),
+            certify=certify_with_ledger(
+                lambda: book, CertificateSettings(unit_kwh=1.0), SITE, events
+            ),
+        )
+        engine.add_intensity(intensity(10, 300.0, 20.0))
+        engine.add_readings(site_readings(T0 + 10 * H, 4.0, 3.0, 0.0))
+        return engine.add_readings(site_readings(T0 + 11 * H, 0.0, 0.0, 0.0))
+
+    book = CertificateLedger(SITE)
+    first_events: list[Any] = []
+    (record,) = run(book, first_events)
+    again_events: list[Any] = []
+    (again,) = run(CertificateLedger.from_json(book.to_json()), again_events)
+    # 3 kWh of solar mint 3; the 7 kWh consumed (3 solar, 4 grid) burn all 3.
+    assert [e.action.value for e in first_events] == ["MINT"] * 3 + ["BURN"] * 3
+    assert again_events == []
+    assert again == record
