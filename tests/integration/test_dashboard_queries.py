@@ -8,13 +8,13 @@ panel, and run against InfluxDB 1.6.7: with every site selected ("All") and with
 it must return at least one non-null value, of the selected sites only; a query filtered
 by site must return nothing for a site that has no data (a filter that does not filter).
 
-How the data gets there: the bundled sample (data/sample) is replayed through the price
-fan-out and arbitrage agents and the InfluxDB sink, in this process as ``wattstream demo``
-runs them, so telemetry, prices and real arbitrage decisions flow. The processors that
-will produce carbon intensity, some alerts (vampire loads, a patent alert), allocation
-plans, emissions, certificate events and commands come in later issues (the fusion SCRAM
-is raised by the real SCRAM agent from the simulator's quench shot), and no connector here
-produces home, EV or fusion telemetry from the sample:
+How the data gets there: the bundled sample (data/sample) is replayed through every agent
+and the InfluxDB sink, in this process as ``wattstream demo`` runs them, so telemetry,
+prices, the zone's carbon intensity (through the carbon feed), real arbitrage decisions,
+emissions, certificate events and follow-the-sun commands flow. Some alerts (vampire
+loads, a patent alert), allocation plans and other commands have no source in the sample
+(the fusion SCRAM is raised by the real SCRAM agent from the simulator's quench shot), and
+no connector here produces home, EV or fusion telemetry from the sample:
 **schema-valid messages built from ``pipeline.schemas`` models stand in for them** on their
 Kafka topics (home, EV and fusion readings from the project's own simulators). They go
 through the same real sink into the same real InfluxDB as everything else.
@@ -23,7 +23,6 @@ through the same real sink into the same real InfluxDB as everything else.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import re
 import uuid
@@ -58,11 +57,7 @@ from pipeline.schemas import (
     AlertStatus,
     Allocation,
     AllocationPlan,
-    CarbonIntensity,
-    CertificateAction,
-    CertificateEvent,
     Command,
-    EmissionsRecord,
     EvReading,
     FusionReading,
     HomeReading,
@@ -83,7 +78,6 @@ WEEK_START = datetime(2025, 4, 7, tzinfo=UTC)
 DAYS = 7
 SITES = ("moncalieri-depot", "turin-home", "turin-school")
 FUSION_SITE = "frascati-fusion"
-ZONE = "IT-NORD"
 LOCAL_TZ = "Europe/Rome"
 MAX_DATA_POINTS = 1000
 """Grafana asks for about one point per pixel: a panel some 1000 pixels wide."""
@@ -128,68 +122,16 @@ def _prices() -> dict[datetime, float]:
     return {row["time"]: row["price_per_kwh"] for row in frame.iter_rows(named=True)}
 
 
-def _intensity(at: datetime) -> tuple[float, float]:
-    """A spring day's grid: cleaner at midday (solar), dirtier in the evening peak."""
-    hour = _local_hour(at)
-    solar = max(0.0, math.sin(math.pi * (hour - 6) / 14)) if 6 <= hour <= 20 else 0.0
-    evening = 1.0 if 18 <= hour <= 21 else 0.0
-    return 330.0 - 140.0 * solar + 60.0 * evening, 35.0 + 35.0 * solar
-
-
 Produced = list[tuple[topics.TopicSpec, str, Message]]
 
 
-def carbon_intensities() -> Produced:
-    out: Produced = []
-    for start in _hours():
-        co2, renewable = _intensity(start)
-        record = CarbonIntensity(
-            zone=ZONE,
-            start=start,
-            end=start + timedelta(hours=1),
-            co2_g_per_kwh=round(co2, 1),
-            renewable_share_pct=round(renewable, 1),
-            source="stand-in",
-        )
-        out.append((topics.CARBON, ZONE, record))
-    return out
-
-
-def emissions_and_plans() -> Produced:
+def allocation_plans() -> Produced:
     energy, prices = _hourly_energy(), _prices()
-    out: Produced = []
-    for site in SITES:
-        for start in _hours():
-            e = energy[(site, start)]
-            grid_kwh = e["meter_positive_kwh"]
-            solar_kwh, battery_kwh = e["solar_positive_kwh"], e["battery_positive_kwh"]
-            co2, _ = _intensity(start)
-            location_kg = grid_kwh * co2 / 1000
-            total_kwh = grid_kwh + solar_kwh + battery_kwh
-            out.append(
-                (
-                    topics.EMISSIONS,
-                    site,
-                    EmissionsRecord(
-                        record_id=stable_id("em", site, start),
-                        site=site,
-                        start=start,
-                        end=start + timedelta(hours=1),
-                        grid_energy_kwh=grid_kwh,
-                        solar_energy_kwh=solar_kwh,
-                        battery_energy_kwh=battery_kwh,
-                        grid_co2_g_per_kwh=co2,
-                        location_based_kg_co2=location_kg,
-                        # Guarantees of origin cover 40 % of the grid energy.
-                        market_based_kg_co2=location_kg * 0.6,
-                        clean_share_pct=min(100.0, 100 * (solar_kwh + battery_kwh) / total_kwh)
-                        if total_kwh
-                        else 0.0,
-                    ),
-                )
-            )
-            out.append((topics.ALLOCATIONS, site, _plan(site, start, e, prices[start])))
-    return out
+    return [
+        (topics.ALLOCATIONS, site, _plan(site, start, energy[(site, start)], prices[start]))
+        for site in SITES
+        for start in _hours()
+    ]
 
 
 def _plan(site: str, start: datetime, e: dict[str, float], price: float) -> AllocationPlan:
@@ -237,44 +179,6 @@ def _plan(site: str, start: datetime, e: dict[str, float], price: float) -> Allo
         baseline_net_cost=grid_cost - export_revenue + saving,
         saving=saving,
     )
-
-
-def certificate_events() -> Produced:
-    energy = _hourly_energy()
-    out: Produced = []
-    for site in SITES:
-        for day in range(DAYS):
-            day_start = WEEK_START + timedelta(days=day)
-            solar_kwh = sum(
-                energy[(site, day_start + timedelta(hours=h))]["solar_positive_kwh"]
-                for h in range(24)
-            )
-            certificate = stable_id("go", site, day_start)
-            mint = CertificateEvent(
-                event_id=stable_id("ev", certificate, "mint"),
-                certificate_id=certificate,
-                action=CertificateAction.MINT,
-                site=site,
-                device="pv-1",
-                hour_start=day_start,
-                energy_mwh=solar_kwh / 1000,
-                at=day_start + timedelta(days=1),
-            )
-            out.append((topics.CERTIFICATES, site, mint))
-            last_day = day == DAYS - 1
-            follow_up = CertificateEvent(
-                event_id=stable_id("ev", certificate, "end"),
-                certificate_id=certificate,
-                action=CertificateAction.EXPIRE if last_day else CertificateAction.BURN,
-                site=site,
-                device="pv-1",
-                hour_start=day_start,
-                energy_mwh=solar_kwh / 1000,
-                claimed_by=None if last_day else f"{site}-consumption",
-                at=day_start + timedelta(days=1, hours=12 if last_day else 6),
-            )
-            out.append((topics.CERTIFICATES, site, follow_up))
-    return out
 
 
 def _alert_pair(
@@ -529,9 +433,7 @@ async def _load(settings: Settings) -> None:
         settings,
         [
             *telemetry_stand_ins(),
-            *carbon_intensities(),
-            *emissions_and_plans(),
-            *certificate_events(),
+            *allocation_plans(),
             *alerts_and_commands(),
         ],
     )
@@ -543,6 +445,7 @@ async def _load(settings: Settings) -> None:
         SAMPLE / "prices.csv",
         drain_timeout_s=120,
         report_dir=None,
+        carbon_path=SAMPLE / "carbon.csv",
     )
 
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pipeline.schemas import Alert, AlertStatus, Command
+from pipeline.schemas import Alert, AlertStatus, CarbonIntensity, Command, PriceTick
 from pipeline.settings import SettingsError, SiteConfig
 from processors.follow_sun import (
     FollowSun,
     FollowSunSettings,
     FollowSunState,
+    GridFeed,
+    GridFeedState,
     GridInterval,
     follow_sun_settings,
 )
@@ -138,3 +141,74 @@ def test_settings_errors_name_the_setting() -> None:
     assert "sites[plant].follow_sun.jobs[0].power_kw" in str(error.value)
     assert "sites[plant].follow_sun.max_co2_g_per_kwh" in str(error.value)
     assert follow_sun_settings(SiteConfig(id="x", market="M")) is None
+
+
+# --- grid intervals joined from prices and intensities, judged in event time ---------------
+
+
+def price(hour: int, value: float) -> PriceTick:
+    start = T0 + hour * HOUR
+    return PriceTick(market="M", start=start, end=start + HOUR, price_per_kwh=value)
+
+
+def carbon(hour: int, share: float, minutes: int = 60, offset_min: int = 0) -> CarbonIntensity:
+    start = T0 + hour * HOUR + timedelta(minutes=offset_min)
+    return CarbonIntensity(
+        zone="Z",
+        start=start,
+        end=start + timedelta(minutes=minutes),
+        co2_g_per_kwh=300.0,
+        renewable_share_pct=share,
+    )
+
+
+def test_an_interval_is_judged_when_the_sites_time_reaches_it_not_when_its_price_comes() -> None:
+    feed, state = GridFeed("plant", SETTINGS), GridFeedState()
+    # Day-ahead: prices and forecasts for hours 10 and 11 arrive at 0:00.
+    assert feed.advance(state, T0) == []
+    for hour in (10, 11):
+        assert feed.add_price(state, price(hour, 0.05)) == []
+        assert feed.add_intensity(state, carbon(hour, 80.0)) == []
+    assert feed.advance(state, T0 + 9 * HOUR + timedelta(minutes=59)) == []
+    started = feed.advance(state, T0 + 10 * HOUR)
+    assert commands(started) == [
+        ("shredder", "start_job", T0 + 10 * HOUR),
+        ("printers", "start_job", T0 + 10 * HOUR),
+    ]
+    assert feed.advance(state, T0 + 11 * HOUR) == []  # still clean and cheap
+    # A state round trip through JSON (the Faust table) keeps the open window.
+    state = GridFeedState.from_json(json.loads(json.dumps(state.to_json())))
+    feed.add_price(state, price(12, 0.20))
+    feed.add_intensity(state, carbon(12, 80.0))
+    stopped = feed.advance(state, T0 + 12 * HOUR)
+    assert commands(stopped) == [
+        ("shredder", "stop_job", T0 + 12 * HOUR),
+        ("printers", "stop_job", T0 + 12 * HOUR),
+    ]
+    assert [a.status for a in stopped if isinstance(a, Alert)] == [AlertStatus.RESOLVED]
+
+
+def test_quarter_hour_intensities_are_averaged_over_the_price_interval() -> None:
+    feed, state = GridFeed("plant", SETTINGS), GridFeedState()
+    feed.add_price(state, price(10, 0.05))
+    # 70, 70, 50, 50 % renewable: 60 % over the hour, just at the line.
+    for quarter, share in enumerate((70.0, 70.0, 50.0)):
+        feed.add_intensity(state, carbon(10, share, minutes=15, offset_min=15 * quarter))
+    assert feed.advance(state, T0 + 10 * HOUR) == []  # the last quarter may still come
+    out = feed.add_intensity(state, carbon(10, 50.0, minutes=15, offset_min=45))
+    assert [c[1] for c in commands(out)] == ["start_job", "start_job"]
+
+
+def test_a_missing_intensity_does_not_stall_the_site() -> None:
+    feed, state = GridFeed("plant", SETTINGS), GridFeedState()
+    feed.add_price(state, price(10, 0.01))
+    feed.add_price(state, price(11, 0.01))
+    feed.add_intensity(state, carbon(11, 90.0))
+    assert feed.advance(state, T0 + 10 * HOUR + timedelta(minutes=30)) == []
+    # Hour 10 ended without an intensity: judged as not clean, and hour 11 goes on.
+    out = feed.advance(state, T0 + 11 * HOUR)
+    assert [(c[1], c[2]) for c in commands(out)] == [("start_job", T0 + 11 * HOUR)] * 2
+    # A late intensity or a repeated price of a judged hour changes nothing.
+    assert feed.add_intensity(state, carbon(10, 90.0)) == []
+    assert feed.add_price(state, price(10, 0.01)) == []
+    assert T0 + 10 * HOUR not in state.prices
