@@ -136,6 +136,20 @@ async def run_pipeline(
             if feed.stats.last_error:
                 raise RuntimeError(f"carbon file {carbon_path}: {feed.stats.last_error}")
             intensities_sent = feed.stats.sent
+            # At full replay speed telemetry would otherwise race days of event time past
+            # intensities still in the fan-out, and hours would be filled with the last
+            # known intensity (the live stream has them hours ahead).
+            await kafka.wait_until_drained(
+                settings,
+                {
+                    settings.app_id: [
+                        settings.topic(topics.CARBON),
+                        settings.topic(topics.SITE_CARBON),
+                    ]
+                },
+                timeout_s=drain_timeout_s,
+                failed=lambda: app.crash_reason,
+            )
 
         report("replaying the sample")
         replay = Replay(settings, telemetry_path, prices_path, on_progress=on_replay)

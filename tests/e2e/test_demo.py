@@ -7,18 +7,26 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
+from pydantic import TypeAdapter
 
-from pipeline.schemas import Alert
+from ingest.carbon import parse_carbon
+from ingest.prices import read_price_file
+from pipeline.schemas import Alert, Reading
 from pipeline.settings import load_settings
+from processors.carbon import CarbonEngine, carbon_settings, certify_with_ledger
+from processors.certificates import CertificateLedger, certificate_settings
 from processors.detection import SiteDetection, detection_settings
+from processors.follow_sun import GridFeed, GridFeedState, follow_sun_settings
 from processors.solar import detect_frame, solar_settings
 
 pytestmark = pytest.mark.e2e
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
+READING: TypeAdapter[Reading] = TypeAdapter(Reading)
 
 
 def test_demo_runs_to_a_summary_with_every_action(tmp_path: Path) -> None:
@@ -53,14 +61,29 @@ def test_demo_runs_to_a_summary_with_every_action(tmp_path: Path) -> None:
     allocation_points = 3 * (7 * 24 - 1) * (1 + 5)
     # Alerts of the detectors (the sample watches its PV only): whatever they find is
     # exactly what the same detectors find over the file without a broker.
-    expected_alerts = _detector_alerts_over_sample()
+    # Scope 2, certificates and follow-the-sun: what the same engines give over the files.
+    records, certificates, follow_sun = _carbon_over_sample()
+    follow_sun_alerts = [item for item in follow_sun if isinstance(item, Alert)]
+    expected_alerts = _detector_alerts_over_sample() + follow_sun_alerts
     alert_lines = [line for line in lines if line.startswith("alert,")]
     assert len(alert_lines) == len(expected_alerts)
-    assert (
-        summary["points_written"]
-        == len(lines)
-        == (90_720 + 168 + 2 * 3 * 7 * 24 + allocation_points + len(expected_alerts))
-    )
+    assert len(follow_sun_alerts) >= 2  # the sample's clean, cheap hours open windows
+    assert sum(line.startswith("emissions,") for line in lines) == len(records) == 3 * 167
+    assert sum(line.startswith("certificate,") for line in lines) == len(certificates)
+    assert sum(line.startswith("carbon_intensity,") for line in lines) == 168
+    for site, carbon in summary["carbon"].items():
+        mine = [r for r in records if r.site == site]
+        assert carbon["hours"] == len(mine)
+        assert carbon["location_based_kg_co2"] == pytest.approx(
+            sum(r.location_based_kg_co2 for r in mine), abs=1e-3
+        )
+        minted = [e for e in certificates if e.site == site and e.action.value == "MINT"]
+        assert carbon["certificates_minted_mwh"] == pytest.approx(
+            sum(e.energy_mwh for e in minted), abs=1e-6
+        )
+    data_points = 90_720 + 168 + 2 * 3 * 7 * 24 + allocation_points + len(expected_alerts)
+    data_points += 168 + len(records) + len(certificates) + len(follow_sun) - len(follow_sun_alerts)
+    assert summary["points_written"] == len(lines) == data_points
     assert sum(line.startswith("allocation_plan,") for line in lines) == 3 * (7 * 24 - 1)
     assert sum(line.startswith("decision,") for line in lines) == 3 * 7 * 24
 
@@ -91,3 +114,41 @@ def _detector_alerts_over_sample() -> list[Alert]:
             )
         )
     return alerts
+
+
+def _carbon_over_sample() -> tuple[list[Any], list[Any], list[Any]]:
+    """Emissions records, certificate events and follow-the-sun outputs of the sample's
+    configuration over the files, with no broker (intensities first, as the demo sends
+    them; every price is known a day ahead)."""
+    config = load_settings(SAMPLE / "wattstream.toml")
+    intensities = parse_carbon((SAMPLE / "carbon.csv").read_bytes(), "csv").messages
+    ticks = read_price_file(SAMPLE / "prices.csv").messages
+    frame = pl.read_parquet(SAMPLE / "telemetry.parquet").sort("time")
+    records: list[Any] = []
+    events: list[Any] = []
+    follow_sun: list[Any] = []
+    for site in config.sites:
+        cfg, cert_cfg = carbon_settings(site), certificate_settings(site)
+        assert cfg is not None and cert_cfg is not None
+        book = CertificateLedger(site.id)
+        engine = CarbonEngine(
+            site.id, cfg, certify=certify_with_ledger(lambda b=book: b, cert_cfg, site.id, events)
+        )
+        for intensity in intensities:
+            records += engine.add_intensity(intensity)
+        rows = frame.filter(pl.col("site") == site.id)
+        readings = [
+            READING.validate_python({k: v for k, v in row.items() if v is not None})
+            for row in rows.drop("site").rename({"time": "ts"}).iter_rows(named=True)
+        ]
+        records += engine.add_readings(readings)
+        sun = follow_sun_settings(site)
+        if sun is not None:
+            feed, state = GridFeed(site.id, sun), GridFeedState()
+            for intensity in intensities:
+                follow_sun += feed.add_intensity(state, intensity)
+            for tick in ticks:
+                follow_sun += feed.add_price(state, tick)
+            for ts in rows["time"].unique().sort():
+                follow_sun += feed.advance(state, ts)
+    return records, events, follow_sun
