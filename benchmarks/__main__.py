@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -283,7 +283,7 @@ def bench_sink_encode() -> dict[str, float]:
     }
 
 
-async def _sink_rate(broker: EmbeddedBroker, influx: dict[str, object], rounds: int) -> float:
+async def _sink_rate(broker: EmbeddedBroker, influx: Mapping[str, object], rounds: int) -> float:
     """Points/s of one sink from its first record to its last point written."""
     settings = with_embedded_broker(
         load_settings(
