@@ -773,8 +773,9 @@ def register(app: faust.App, settings: Settings) -> None:
                 "are minted and claimed from the hourly flows the carbon accounting meters"
             )
         certificates[site.id] = cert_cfg
+    # Follow-the-sun sites need a carbon section too (checked by processors.follow_sun), so
+    # these are every zone in use.
     zones = {site: cfg.zone for site, cfg in configs.items()}
-    zones.update(follow_sun_zones(settings, zones))
 
     carbon = raw_topic(app, settings, topics.CARBON)
     site_carbon = raw_topic(app, settings, topics.SITE_CARBON)
@@ -805,7 +806,9 @@ def register(app: faust.App, settings: Settings) -> None:
         help="Per-site guarantee-of-origin ledger (its events and the minting memory).",
     )
 
-    def run(site: str, feed: Callable[[CarbonEngine], list[EmissionsRecord]]) -> list[Any]:
+    def run(
+        site: str, feed: Callable[[CarbonEngine], list[EmissionsRecord]]
+    ) -> list[CertificateEvent | EmissionsRecord]:
         state = CarbonState.from_json(state_table.get(site))
         before = state.to_json()
         events: list[CertificateEvent] = []
@@ -828,10 +831,12 @@ def register(app: faust.App, settings: Settings) -> None:
             ledger_table[site] = ledgers[0].to_json()
         return _in_hour_order(events, records)
 
-    def on_telemetry(site: str, batch: TelemetryBatch) -> list[Any]:
+    def on_telemetry(site: str, batch: TelemetryBatch) -> list[CertificateEvent | EmissionsRecord]:
         return run(site, lambda engine: engine.add_readings(batch.readings))
 
-    def on_carbon(site: str, intensity: CarbonIntensity) -> list[Any]:
+    def on_carbon(
+        site: str, intensity: CarbonIntensity
+    ) -> list[CertificateEvent | EmissionsRecord]:
         return run(site, lambda engine: engine.add_intensity(intensity))
 
     site_agent(
@@ -850,20 +855,3 @@ def _in_hour_order(
         pending = [e for e in pending if e.hour_start >= record.end]
         out.append(record)
     return out + pending
-
-
-def follow_sun_zones(settings: Settings, zones: dict[str, str]) -> dict[str, str]:
-    """The zone of each follow-the-sun site: its carbon zone, required at start-up."""
-    from processors.follow_sun import follow_sun_settings
-
-    out = {}
-    for site in settings.sites:
-        if follow_sun_settings(site) is None:
-            continue
-        if site.id not in zones:
-            raise SettingsError(
-                f"sites[{site.id}].follow_sun needs sites[{site.id}].carbon.zone: the zone "
-                "whose carbon intensity it follows"
-            )
-        out[site.id] = zones[site.id]
-    return out

@@ -46,7 +46,7 @@ from pipeline.schemas import (
     TelemetryBatch,
     stable_id,
 )
-from pipeline.settings import Settings, SiteConfig, validate_section
+from pipeline.settings import Settings, SettingsError, SiteConfig, validate_section
 from processors.alerting import firing, resolved
 
 if TYPE_CHECKING:
@@ -370,16 +370,23 @@ class GridFeed:
 def register(app: faust.App, settings: Settings) -> None:
     """Wire follow-the-sun to Kafka: the site's readings (its event time), prices
     (``site-prices``) and its carbon zone's intensities (``site-carbon``, fanned out by
-    :mod:`processors.carbon`, which also checks at start-up that each follow-the-sun site
-    has a ``[sites.carbon]`` zone) in; demand-response alerts and job commands out.
+    :mod:`processors.carbon` to the sites of each ``[sites.carbon]`` zone, which a
+    follow-the-sun site must have) in; demand-response alerts and job commands out.
     """
     from pipeline.streams import site_agent
+    from processors.carbon import carbon_settings
 
-    feeds = {
-        site.id: GridFeed(site.id, cfg)
-        for site in settings.sites
-        if (cfg := follow_sun_settings(site)) is not None
-    }
+    feeds = {}
+    for site in settings.sites:
+        cfg = follow_sun_settings(site)
+        if cfg is None:
+            continue
+        if carbon_settings(site) is None:
+            raise SettingsError(
+                f"sites[{site.id}].follow_sun needs sites[{site.id}].carbon.zone: the zone "
+                "whose carbon intensity it follows"
+            )
+        feeds[site.id] = GridFeed(site.id, cfg)
     if not feeds:
         return
     table = app.Table(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -538,3 +539,33 @@ def test_an_hour_settled_before_a_restart_keeps_its_certificates() -> None:
     assert [e.action.value for e in first_events] == ["MINT"] * 3 + ["BURN"] * 3
     assert again_events == []
     assert again == record
+
+
+# --- start-up checks of the wiring ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "named"),
+    [
+        ("certificates", {"unit_kwh": 1.0}, "sites[plant].certificates needs sites[plant].carbon"),
+        (
+            "follow_sun",
+            {"jobs": [{"device": "kiln", "power_kw": 12.0}]},
+            "sites[plant].follow_sun needs sites[plant].carbon.zone",
+        ),
+    ],
+)
+def test_a_section_that_needs_the_carbon_zone_fails_at_start_up(
+    tmp_path: Any, section: str, value: dict[str, Any], named: str
+) -> None:
+    from pipeline.app import create_app
+    from pipeline.settings import load_settings
+
+    settings = load_settings(
+        None,
+        broker="127.0.0.1:9",  # never contacted: building the app only validates
+        data_dir=tmp_path,
+        sites=[{"id": "plant", "market": "M", section: value}],
+    )
+    with pytest.raises(SettingsError, match=re.escape(named)):
+        create_app(settings)
