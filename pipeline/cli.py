@@ -19,6 +19,7 @@ import click
 
 from pipeline import schemas, topics
 from pipeline.cli_backtest import backtest
+from pipeline.cli_certificates import certificates
 from pipeline.cli_dashboards import dashboards_group
 from pipeline.cli_detectors import evaluate_detectors
 from pipeline.cli_ingest import ingest_group
@@ -743,6 +744,7 @@ main.add_command(ingest_group)
 main.add_command(dashboards_group)
 main.add_command(backtest)
 main.add_command(evaluate_detectors)
+main.add_command(certificates)
 
 
 @schemas_group.command("export")

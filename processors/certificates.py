@@ -71,6 +71,7 @@ Everything here is plain Python (no Faust import).
 
 from __future__ import annotations
 
+import bisect
 import calendar
 import math
 from collections.abc import Iterable, Mapping
@@ -516,3 +517,52 @@ def summary(ledger: CertificateLedger, start: datetime, end: datetime) -> Ledger
 def totals(ledger: CertificateLedger) -> LedgerSummary:
     """All-time minted, burned and expired certificate energy. [MWh]"""
     return summary(ledger, datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
+
+
+def ledgers_from_events(events: Iterable[CertificateEvent]) -> dict[str, CertificateLedger]:
+    """Each site's ledger rebuilt from its events (e.g. the whole certificates topic).
+
+    Right for every query; only the minting memory (carries) is not on the topic.
+    """
+    ledgers: dict[str, CertificateLedger] = {}
+    for event in events:
+        apply(ledgers.setdefault(event.site, CertificateLedger(event.site)), event)
+    return dict(sorted(ledgers.items()))
+
+
+def period_starts(start: datetime, end: datetime, by: str) -> list[datetime]:
+    """The starts of the UTC days (``by="day"``) or months (``"month"``) covering
+    ``[start, end)``, and ``end`` last."""
+    if by not in ("day", "month"):
+        raise ValueError(f"by must be 'day' or 'month', got {by!r}")
+    first = _hour(start).replace(hour=0)
+    if by == "month":
+        first = first.replace(day=1)
+    starts = []
+    current = first
+    while current < end:
+        starts.append(current)
+        current = add_months(current, 1) if by == "month" else current + timedelta(days=1)
+    return [*starts, end]
+
+
+def summaries(ledger: CertificateLedger, bounds: list[datetime]) -> list[LedgerSummary]:
+    """:func:`summary` for each period ``[bounds[i], bounds[i + 1])``, in one pass. [MWh]"""
+    minted = [0.0] * (len(bounds) - 1)
+    burned = [0.0] * (len(bounds) - 1)
+    expired = [0.0] * (len(bounds) - 1)
+
+    def add(totals_mwh: list[float], at: datetime, energy_mwh: float) -> None:
+        index = bisect.bisect_right(bounds, at) - 1
+        if 0 <= index < len(totals_mwh):
+            totals_mwh[index] += energy_mwh
+
+    for mint_event, certificate in _counted(ledger):
+        add(minted, mint_event.hour_start, mint_event.energy_mwh)
+        status = certificate.status
+        burn, expiry = certificate.burn, certificate.expiry
+        if status is CertificateStatus.BURNED and burn is not None:
+            add(burned, burn.hour_start, mint_event.energy_mwh)
+        elif status is CertificateStatus.EXPIRED and expiry is not None:
+            add(expired, expiry.at, mint_event.energy_mwh)
+    return [LedgerSummary(m, b, e) for m, b, e in zip(minted, burned, expired, strict=True)]

@@ -12,6 +12,10 @@ give over the same data, with no certificate minted or burned twice.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sys
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -207,3 +211,35 @@ async def test_scope2_and_certificates_survive_a_restart_and_a_replayed_stretch(
     }
     assert [letter.source_topic for letter in letters] == [settings.topic(topics.CARBON)]
     assert "co2_g_per_kwh" in letters[0].reason
+
+    # `wattstream certificates` rebuilds the same ledger from the topic.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATTSTREAM_")}
+    env.update(
+        WATTSTREAM_BROKER=str(settings.broker), WATTSTREAM_TOPIC_PREFIX=settings.topic_prefix
+    )
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "certificates",
+        "--json",
+        "--by",
+        "day",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=60)
+    assert cli.returncode == 0, stderr.decode()
+    report = json.loads(stdout)[SITE]
+    assert report["balance_mwh"] == pytest.approx(balance(ledger), abs=1e-6)
+    (day,) = report["periods"]
+    assert day["start"] == T0.replace(hour=0).isoformat()
+    assert (day["minted_mwh"], day["burned_mwh"]) == pytest.approx(
+        (sums.minted_mwh, sums.burned_mwh), abs=1e-6
+    )
+    assert report["certificates"]["burned"] == by_certificate_count(events, CertificateAction.BURN)
+
+
+def by_certificate_count(events: list[CertificateEvent], action: CertificateAction) -> int:
+    return len({e.certificate_id for e in events if e.action is action})

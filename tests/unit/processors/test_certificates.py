@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections import Counter, defaultdict
@@ -26,8 +27,11 @@ from processors.certificates import (
     claimed_kwh,
     expire,
     expires_at,
+    ledgers_from_events,
     mint,
+    period_starts,
     settle_hour,
+    summaries,
     summary,
     totals,
 )
@@ -557,3 +561,43 @@ def test_settle_hour_mints_counted_devices_claims_and_expires_in_one_call() -> N
     expired = settle_hour(book, cfg, later, {}, 0.0, SITE)
     assert [e.action for e in expired] == [CertificateAction.EXPIRE]
     assert totals(book).expired_mwh == pytest.approx(0.001) and balance(book) == 0.0
+
+
+# --- reports ---------------------------------------------------------------------------
+
+
+def test_period_starts_cover_days_and_months_up_to_the_end() -> None:
+    end = datetime(2025, 8, 3, 5, tzinfo=UTC)
+    days = period_starts(datetime(2025, 8, 1, 17, tzinfo=UTC), end, "day")
+    assert days == [datetime(2025, 8, d, tzinfo=UTC) for d in (1, 2, 3)] + [end]
+    months = period_starts(datetime(2025, 6, 30, 23, tzinfo=UTC), end, "month")
+    assert months == [datetime(2025, m, 1, tzinfo=UTC) for m in (6, 7, 8)] + [end]
+    with pytest.raises(ValueError, match="by"):
+        period_starts(end, end, "week")
+
+
+def test_summaries_in_one_pass_equal_summary_per_period() -> None:
+    rng = random.Random(3)
+    book = ledger()
+    cfg = CertificateSettings(unit_kwh=1.0, validity_months=1)
+    for h in range(24 * 40):
+        mint(book, "pv-1", hour(h), rng.uniform(0, 4), unit_kwh=1.0)
+        claim(book, hour(h), rng.uniform(0, 3), SITE)
+        expire(book, hour(h + 1), cfg)
+    bounds = period_starts(hour(0), hour(24 * 40 + 1), "day")
+    per_period = [summary(book, a, b) for a, b in itertools.pairwise(bounds)]
+    flat = [v for s in per_period for v in (s.minted_mwh, s.burned_mwh, s.expired_mwh)]
+    fast = [v for s in summaries(book, bounds) for v in (s.minted_mwh, s.burned_mwh, s.expired_mwh)]
+    assert fast == pytest.approx(flat, abs=1e-12)
+    assert sum(s.expired_mwh for s in per_period) > 0 and sum(s.burned_mwh for s in per_period) > 0
+
+
+def test_ledgers_rebuilt_from_a_topic_with_duplicates_count_each_event_once() -> None:
+    book = ledger()
+    events = mint(book, "pv-1", hour(0), 2500.0) + claim(book, hour(0), 1200.0, SITE)
+    other = CertificateLedger(site="site2")
+    events += mint(other, "pv-9", hour(0), 1000.0)
+    rebuilt = ledgers_from_events(events + events[::-1])
+    assert list(rebuilt) == [SITE, "site2"]
+    assert balance(rebuilt[SITE]) == balance(book) == 1.0
+    assert totals(rebuilt["site2"]).minted_mwh == 1.0
