@@ -27,8 +27,9 @@ Tuning inside the bench's worker only (not the global Faust configuration):
 Faust hard-codes aiokafka's ``fetch_max_wait_ms=1500``, and the embedded broker
 holds a fetch for a large part of that wait even when records arrive meanwhile
 (measured with aiokafka alone: ~390 ms median delivery at 1500, ~4 ms at 10), so
-the worker's consumer is given ``WORKER_FETCH_WAIT_MS``. Real Kafka answers a
-waiting fetch as soon as data arrives, where this does not matter for latency.
+the worker's consumer is given ``WORKER_FETCH_WAIT_MS`` (``kafka.fetch_max_wait_ms``).
+Real Kafka answers a waiting fetch as soon as data arrives, where this does not matter
+for latency.
 
 What bounds the figure on a 2-core machine: the worker's event loop spends about
 a fifth of its time in pydantic (validating 40 readings per batch), a fifth in the
@@ -164,29 +165,18 @@ def build_load(seed: int = 1) -> Load:
 # --- the worker (a subprocess) ------------------------------------------------------------
 
 
-def _lower_fetch_wait(wait_ms: int) -> None:
-    """Faust passes fetch_max_wait_ms=1500 to aiokafka with no setting to change it."""
-    from faust.transport.drivers import aiokafka as driver
-
-    original = driver.AIOKafkaConsumerThread._create_worker_consumer
-
-    def create(self: Any, transport: Any) -> Any:
-        consumer = original(self, transport)
-        consumer._fetch_max_wait_ms = wait_ms  # read by consumer.start() for its Fetcher
-        return consumer
-
-    driver.AIOKafkaConsumerThread._create_worker_consumer = create  # type: ignore[method-assign]
-
-
 async def _serve(settings: Settings, fetch_wait_ms: int) -> None:
     import faust
 
-    from pipeline.app import faust_config
+    from pipeline.app import faust_config, use_fetch_wait
     from processors import scram
 
-    _lower_fetch_wait(fetch_wait_ms)
+    settings = settings.model_copy(
+        update={"kafka": settings.kafka.model_copy(update={"fetch_max_wait_ms": fetch_wait_ms})}
+    )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(settings.app_id, **faust_config(settings))
+    use_fetch_wait(app, settings)
     scram.register(app, settings)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

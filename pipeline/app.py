@@ -7,6 +7,7 @@ apps as it likes with different settings.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Protocol
 
 import faust
@@ -76,6 +77,44 @@ def _credentials(settings: Settings) -> object:
     return faust.SSLCredentials(client["ssl_context"])
 
 
+_FETCH_MAX_WAIT_MS: weakref.WeakKeyDictionary[faust.App, int] = weakref.WeakKeyDictionary()
+
+
+def fetch_max_wait_ms(settings: Settings) -> int:
+    """The worker consumer's fetch wait: the setting, or Kafka's default (500 ms).
+
+    :func:`pipeline.local.with_embedded_broker` sets 10 ms for the embedded broker."""
+    configured = settings.kafka.fetch_max_wait_ms
+    return 500 if configured is None else configured
+
+
+def _install_fetch_wait_hook() -> None:
+    """Faust passes ``fetch_max_wait_ms=1500`` to aiokafka with no setting to change it:
+    give each app's consumer the wait recorded for that app (once per process)."""
+    from faust.transport.drivers import aiokafka as driver
+
+    thread = driver.AIOKafkaConsumerThread
+    if getattr(thread, "_wattstream_fetch_wait", False):
+        return
+    original = thread._create_worker_consumer
+
+    def create(self: Any, transport: Any) -> Any:
+        consumer = original(self, transport)
+        wait_ms = _FETCH_MAX_WAIT_MS.get(self.app)
+        if wait_ms is not None:
+            consumer._fetch_max_wait_ms = wait_ms  # read by consumer.start() for its Fetcher
+        return consumer
+
+    thread._create_worker_consumer = create  # type: ignore[method-assign]
+    thread._wattstream_fetch_wait = True  # type: ignore[attr-defined]
+
+
+def use_fetch_wait(app: faust.App, settings: Settings) -> None:
+    """Give ``app``'s worker consumer the configured fetch wait (see :func:`fetch_max_wait_ms`)."""
+    _install_fetch_wait_hook()
+    _FETCH_MAX_WAIT_MS[app] = fetch_max_wait_ms(settings)
+
+
 def agent_input_topics(settings: Settings) -> list[str]:
     """The topics the worker's agents consume (its consumer group is ``app_id``)."""
     specs = (topics.TELEMETRY, topics.SITE_PRICES, topics.PRICES, topics.SITE_CARBON, topics.CARBON)
@@ -109,6 +148,7 @@ def create_app(settings: Settings, *, with_sinks: bool = False) -> faust.App:
     # the repository would crash on "out/state".
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(settings.app_id, **faust_config(settings))
+    use_fetch_wait(app, settings)
     prices.register(app, settings)
     arbitrage.register(app, settings)
     # Site agents: only sites with the matching section get work; a bad section

@@ -179,6 +179,11 @@ class EmbeddedBroker(LocalProcess):
             return False
 
 
+EMBEDDED_FETCH_WAIT_MS = 10
+"""The embedded broker holds a waiting fetch for much of its wait even when records
+arrive: a short wait keeps each agent hop at milliseconds (see KafkaSettings)."""
+
+
 def with_embedded_broker(settings: Settings, broker: EmbeddedBroker) -> Settings:
     """Settings pointed at a running embedded broker.
 
@@ -190,6 +195,11 @@ def with_embedded_broker(settings: Settings, broker: EmbeddedBroker) -> Settings
         update={
             "broker": broker.bootstrap,
             "store": "memory",
-            "kafka": settings.kafka.model_copy(update={"one_record_per_batch": True}),
+            "kafka": settings.kafka.model_copy(
+                update={
+                    "one_record_per_batch": True,
+                    "fetch_max_wait_ms": settings.kafka.fetch_max_wait_ms or EMBEDDED_FETCH_WAIT_MS,
+                }
+            ),
         }
     )

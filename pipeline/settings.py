@@ -71,6 +71,12 @@ class KafkaSettings(_Area):
     each record, so the cost is small."""
     max_message_bytes: Annotated[int, Field(ge=100_000)] = 4_000_000
     replication_factor: Annotated[int, Field(ge=1)] = 1
+    fetch_max_wait_ms: Annotated[int, Field(ge=1, le=30_000)] | None = None
+    """How long a worker's fetch may wait at the broker for data. ``None``: 500 ms, Kafka's
+    own default (a real cluster answers as soon as data arrives); the embedded broker
+    gets 10 ms, as it holds a waiting fetch for much of its wait even when records
+    arrive, so each agent hop would cost up to the whole wait (Faust's fixed 1500 ms
+    made a replay crawl there). Use 10 for any tansu broker."""
 
     @model_validator(mode="after")
     def _sasl_needs_credentials(self) -> Self:

@@ -11,7 +11,7 @@ import logging
 import weakref
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import faust
 import mode
@@ -108,6 +108,46 @@ async def decode_telemetry_event(event: Any, dlq: DeadLetters) -> TelemetryBatch
     for part in rejected:
         await dlq.reject(event, part.reason, part.error_type, raw=part.raw)
     return batch
+
+
+S = TypeVar("S")
+
+
+class TableState(Generic[S]):
+    """A table of per-key state objects, stored as JSON, parsed only when they changed.
+
+    Every message still writes its key's JSON (the changelog is what a restarted or a
+    new worker recovers from), but parsing it back for the next message is skipped while
+    the table holds the very value this worker wrote: a memory store gives back the
+    object it was given, so identity proves nothing replaced it (a changelog recovery
+    after a rebalance, a restart). A RocksDB store returns a fresh object on every read,
+    and then the value is parsed as before.
+    """
+
+    def __init__(
+        self,
+        table: Any,
+        parse: Callable[[Any], S],
+        dump: Callable[[S], Any],
+    ) -> None:
+        self.table = table
+        self.parse = parse
+        self.dump = dump
+        self._parsed: dict[str, tuple[Any, S]] = {}
+
+    def get(self, key: str) -> S:
+        stored = self.table.get(key)
+        cached = self._parsed.get(key)
+        if cached is not None and stored is not None and cached[0] is stored:
+            return cached[1]
+        state = self.parse(stored)
+        self._parsed[key] = (stored, state)
+        return state
+
+    def put(self, key: str, state: S) -> None:
+        value = self.dump(state)
+        self.table[key] = value
+        self._parsed[key] = (value, state)
 
 
 OUTPUT_TOPICS: dict[type[BaseModel], topics.TopicSpec] = {

@@ -1049,7 +1049,13 @@ def register(app: faust.App, settings: Settings) -> None:
     here, at start-up. Undecodable telemetry is skipped silently: the arbitrage agent
     consumes the same records and dead-letters them once.
     """
-    from pipeline.streams import AGENT_SUPERVISOR, DeadLetters, decode_event, raw_topic
+    from pipeline.streams import (
+        AGENT_SUPERVISOR,
+        DeadLetters,
+        TableState,
+        decode_event,
+        raw_topic,
+    )
 
     engines = {
         site.id: SiteAllocation(cfg)
@@ -1067,6 +1073,7 @@ def register(app: faust.App, settings: Settings) -> None:
         partitions=settings.partitions,
         help="Per-site allocation state: known prices, readings of unplanned intervals.",
     )
+    states = TableState(table, AllocationState.from_json, AllocationState.to_json)
 
     @app.agent(source, name=f"{__name__}.allocation", supervisor_strategy=AGENT_SUPERVISOR)
     async def allocation(stream: Any) -> None:
@@ -1080,16 +1087,16 @@ def register(app: faust.App, settings: Settings) -> None:
                 batch, _ = codec.decode_telemetry(message.value)
                 if batch is None or batch.site != site:
                     continue  # dead-lettered by the arbitrage agent
-                state = AllocationState.from_json(table.get(site))
+                state = states.get(site)
                 results = engine.on_readings(state, batch.readings)
             elif message.topic == site_prices_name:
                 tick = await decode_event(PriceTick, event, dlq)
                 if tick is None:
                     continue
-                state = AllocationState.from_json(table.get(site))
+                state = states.get(site)
                 results = engine.on_price(state, tick.start, tick.end, tick.price_per_kwh)
             else:  # pragma: no cover - the channel only has the two topics
                 continue
-            table[site] = state.to_json()
+            states.put(site, state)
             for result in results:
                 await plans_topic.send(key=site.encode(), value=codec.encode(result.plan))

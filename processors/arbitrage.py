@@ -556,6 +556,7 @@ def register(app: faust.App, settings: Settings) -> None:
     from pipeline.streams import (
         AGENT_SUPERVISOR,
         DeadLetters,
+        TableState,
         decode_event,
         decode_telemetry_event,
         raw_topic,
@@ -573,6 +574,7 @@ def register(app: faust.App, settings: Settings) -> None:
         partitions=settings.partitions,
         help="Per-site arbitrage state: known prices, pending readings, last decided interval.",
     )
+    states = TableState(table, SiteState.from_json, SiteState.to_json)
     engines = {site.id: SiteArbitrage(site) for site in settings.sites if site.batteries}
 
     @app.agent(source, name=f"{__name__}.arbitrage", supervisor_strategy=AGENT_SUPERVISOR)
@@ -590,17 +592,17 @@ def register(app: faust.App, settings: Settings) -> None:
                         event, f"batch site {batch.site!r} != Kafka key {site!r}", "KeyMismatch"
                     )
                     continue
-                state = SiteState.from_json(table.get(site))
+                state = states.get(site)
                 decisions = engine.on_readings(state, battery_readings(batch))
             elif message.topic == site_prices_name:
                 tick = await decode_event(PriceTick, event, dlq)
                 if tick is None or engine is None:
                     continue
-                state = SiteState.from_json(table.get(site))
+                state = states.get(site)
                 decisions = engine.on_price(state, tick)
             else:  # pragma: no cover - the channel only has the two topics
                 continue
-            table[site] = state.to_json()
+            states.put(site, state)
             for decision in decisions:
                 await decisions_topic.send(key=site.encode(), value=codec.encode(decision))
                 command = command_for(decision, engine.batteries[decision.device])

@@ -755,11 +755,18 @@ def register(app: faust.App, settings: Settings) -> None:
     Intensities are keyed by zone; a fan-out agent re-keys each to the sites of its zone
     on ``site-carbon`` (as prices are on ``site-prices``), so one worker sees a site's
     readings and its grid's intensity. The site step keeps two tables keyed by site: the
-    engine's state (written with every batch it changes, so a restart resumes from the
+    engine's state (written with every message, so a restart resumes from the
     committed offset with nothing counted twice: a reading at or before a device's last
     one is ignored) and the certificate ledger (written when an hour is settled).
     """
-    from pipeline.streams import AGENT_SUPERVISOR, DeadLetters, decode_event, raw_topic, site_agent
+    from pipeline.streams import (
+        AGENT_SUPERVISOR,
+        DeadLetters,
+        TableState,
+        decode_event,
+        raw_topic,
+        site_agent,
+    )
 
     configs = {site.id: cfg for site in settings.sites if (cfg := carbon_settings(site))}
     certificates = {}
@@ -799,6 +806,7 @@ def register(app: faust.App, settings: Settings) -> None:
         partitions=settings.partitions,
         help="Per-site Scope 2 engine: open hours, devices' last readings, battery pool.",
     )
+    states = TableState(state_table, CarbonState.from_json, CarbonState.to_json)
     ledger_table = app.Table(
         f"{settings.app_id}-certificate-ledger",
         default=None,
@@ -809,8 +817,7 @@ def register(app: faust.App, settings: Settings) -> None:
     def run(
         site: str, feed: Callable[[CarbonEngine], list[EmissionsRecord]]
     ) -> list[CertificateEvent | EmissionsRecord]:
-        state = CarbonState.from_json(state_table.get(site))
-        before = state.to_json()
+        state = states.get(site)
         events: list[CertificateEvent] = []
         ledgers: list[CertificateLedger] = []
 
@@ -824,9 +831,7 @@ def register(app: faust.App, settings: Settings) -> None:
             None if cert_cfg is None else certify_with_ledger(load_ledger, cert_cfg, site, events)
         )
         records = feed(CarbonEngine(site, configs[site], state, certify))
-        after = state.to_json()
-        if after != before:
-            state_table[site] = after
+        states.put(site, state)
         if ledgers:  # an hour was settled: its carry and claims changed, if no event did
             ledger_table[site] = ledgers[0].to_json()
         return _in_hour_order(events, records)

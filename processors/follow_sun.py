@@ -373,7 +373,7 @@ def register(app: faust.App, settings: Settings) -> None:
     :mod:`processors.carbon` to the sites of each ``[sites.carbon]`` zone, which a
     follow-the-sun site must have) in; demand-response alerts and job commands out.
     """
-    from pipeline.streams import site_agent
+    from pipeline.streams import TableState, site_agent
     from processors.carbon import carbon_settings
 
     feeds = {}
@@ -395,16 +395,14 @@ def register(app: faust.App, settings: Settings) -> None:
         partitions=settings.partitions,
         help="Per-site follow-the-sun: the open window, running jobs, intervals to judge.",
     )
+    states = TableState(table, GridFeedState.from_json, GridFeedState.to_json)
 
     def step(
         site: str, update: Callable[[GridFeed, GridFeedState], list[Alert | Command]]
     ) -> list[Alert | Command]:
-        state = GridFeedState.from_json(table.get(site))
-        before = state.to_json()
+        state = states.get(site)
         out = update(feeds[site], state)
-        after = state.to_json()
-        if after != before:
-            table[site] = after
+        states.put(site, state)
         return out
 
     def on_telemetry(site: str, batch: TelemetryBatch) -> list[Alert | Command]:

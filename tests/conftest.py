@@ -48,6 +48,8 @@ def make_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SettingsFa
             "data_dir": tmp_path / "state",
         }
         defaults["influx"] = {"file": tmp_path / "influx.lp", **overrides.pop("influx", {})}
+        # The fixtures' broker is tansu: see KafkaSettings.fetch_max_wait_ms.
+        defaults["kafka"] = {"fetch_max_wait_ms": 10, **overrides.pop("kafka", {})}
         return load_settings(config_file, **{**defaults, **overrides})
 
     return factory

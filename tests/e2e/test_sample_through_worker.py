@@ -44,6 +44,7 @@ def environment(settings: Settings, influxdb: InfluxDB1) -> dict[str, str]:
         WATTSTREAM_PARTITIONS=str(settings.partitions),
         WATTSTREAM_STORE="memory",
         WATTSTREAM_KAFKA_ONE_RECORD_PER_BATCH="true",
+        WATTSTREAM_KAFKA_FETCH_MAX_WAIT_MS="10",
         WATTSTREAM_INFLUX_URL=influxdb.url,
         WATTSTREAM_INFLUX_DATABASE=settings.influx.database,
         WATTSTREAM_INFLUX_FLUSH_INTERVAL_S="0.5",

@@ -1,0 +1,256 @@
+"""End-to-end throughput of one worker, against the floors measured in the same run.
+
+Set-up, all on this machine: the embedded broker (tansu); the bundled sample replayed
+``ROUNDS`` times (each round a week later, so state moves on) with its prices and the
+zone's generation mix, all on Kafka before anything is timed; then:
+
+* ``raw_consume_msgs_per_s``: a bare aiokafka consumer (no group) reading the telemetry
+  topic from the beginning to its end: what Python can read from this broker at all;
+* ``e2e_readings_per_s``: ``wattstream worker`` in its own process, on the sample's
+  settings (every agent the sample configures, and the InfluxDB sink to a line-protocol
+  file), from its first commit to both its agents' and its sink's groups having read
+  everything. The readings before the first commit are left out, so the consumer
+  group's join (seconds on this broker) is not counted as processing time;
+* ``faust_per_event_msgs_per_s``: a Faust agent that iterates one event at a time over
+  messages of one reading each (what a design without batches gets), on the same broker;
+* ``worker_rss_mb``: the worker's peak resident memory in that run.
+
+Run: ``python -m benchmarks e2e``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ingest.carbon import CarbonFeed, CarbonFeedConfig
+from ingest.replay import Replay
+from pipeline import kafka, topics
+from pipeline.local import EmbeddedBroker
+from pipeline.settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "data" / "sample"
+ROUNDS = 1
+PARTITIONS = 8
+NAIVE_MESSAGES = 20_000
+
+
+def _overrides(broker: EmbeddedBroker, data_dir: Path) -> dict[str, Any]:
+    return {
+        "app_id": f"bench-e2e-{uuid.uuid4().hex[:8]}",
+        "broker": broker.bootstrap,
+        "topic_prefix": f"bench-{uuid.uuid4().hex[:8]}.",
+        "partitions": PARTITIONS,
+        "store": "memory",
+        "data_dir": str(data_dir / "state"),
+        "influx": {"file": str(data_dir / "influx.lp")},
+        "kafka": {"one_record_per_batch": True, "fetch_max_wait_ms": 10},
+    }
+
+
+def _environment(overrides: dict[str, Any]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATTSTREAM_")}
+    env.update(
+        WATTSTREAM_CONFIG=str(SAMPLE / "wattstream.toml"),
+        WATTSTREAM_APP_ID=overrides["app_id"],
+        WATTSTREAM_BROKER=overrides["broker"],
+        WATTSTREAM_TOPIC_PREFIX=overrides["topic_prefix"],
+        WATTSTREAM_PARTITIONS=str(PARTITIONS),
+        WATTSTREAM_STORE="memory",
+        WATTSTREAM_DATA_DIR=overrides["data_dir"],
+        WATTSTREAM_INFLUX_FILE=overrides["influx"]["file"],
+        WATTSTREAM_KAFKA_ONE_RECORD_PER_BATCH="true",
+        WATTSTREAM_KAFKA_FETCH_MAX_WAIT_MS="10",
+        WATTSTREAM_LOG_LEVEL="WARNING",
+    )
+    return env
+
+
+async def _load(settings: Settings) -> int:
+    """Everything on Kafka before timing: intensities, then ROUNDS replays of the sample."""
+    await kafka.ensure_topics(settings)
+    async with CarbonFeed(settings, CarbonFeedConfig(source=str(SAMPLE / "carbon.csv"))) as feed:
+        await feed.poll_once()
+    replay = Replay(
+        settings,
+        SAMPLE / "telemetry.parquet",
+        SAMPLE / "prices.csv",
+        loop=True,
+        max_rounds=ROUNDS,
+    )
+    stats = await replay.run()
+    return stats.readings_sent
+
+
+async def _raw_consume(settings: Settings) -> tuple[float, int]:
+    """(messages per second, messages) of a bare consumer reading the telemetry topic."""
+    name = settings.topic(topics.TELEMETRY)
+    ends = await kafka.end_offsets(settings, [name])
+    total = sum(ends.values())
+    reader = kafka.consumer(settings, group_id=None)
+    await reader.start()
+    try:
+        reader.assign(list(ends))
+        await reader.seek_to_beginning(*ends)
+        remaining = {tp for tp, end in ends.items() if end > 0}
+        started = time.perf_counter()
+        count = 0
+        while remaining:
+            batches = await reader.getmany(*remaining, timeout_ms=1000, max_records=10_000)
+            for tp, messages in batches.items():
+                count += len(messages)
+                if messages and messages[-1].offset + 1 >= ends[tp]:
+                    remaining.discard(tp)
+        elapsed = time.perf_counter() - started
+    finally:
+        await reader.stop()
+    assert count == total, (count, total)
+    return total / elapsed, total
+
+
+async def _watch_worker(
+    settings: Settings, worker: subprocess.Popen[bytes], timeout_s: float
+) -> tuple[float, float, float]:
+    """(first-commit time, drained time, fraction consumed at first commit)."""
+    groups = {
+        settings.app_id: [settings.topic(topics.TELEMETRY)],
+        f"{settings.app_id}-sink-influx": [settings.topic(topics.TELEMETRY)],
+    }
+    deadline = time.monotonic() + timeout_s
+    first: tuple[float, float] | None = None
+    while True:
+        if worker.poll() is not None:
+            raise RuntimeError(f"the worker exited with {worker.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError("the worker did not drain the telemetry in time")
+        now = time.perf_counter()
+        lags = [await kafka.group_lag(settings, g, names) for g, names in groups.items()]
+        agents = lags[0]
+        total = sum(agents.end.values())
+        consumed = total - agents.total
+        if first is None and consumed > 0:
+            first = (now, consumed / total)
+        if first is not None and all(lag.total == 0 for lag in lags):
+            return first[0], now, first[1]
+        await asyncio.sleep(0.2)
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _e2e(settings: Settings, overrides: dict[str, Any], readings: int) -> dict[str, float]:
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "worker"],
+        env=_environment(overrides),
+        cwd=overrides["data_dir"].rsplit("/", 1)[0],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        first_s, done_s, consumed = asyncio.run(_watch_worker(settings, worker, timeout_s=900))
+        rss_mb = _peak_rss_mb(worker.pid)
+    finally:
+        worker.terminate()
+        try:
+            _, stderr = worker.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            _, stderr = worker.communicate()
+    if worker.returncode not in (0, -15):
+        raise RuntimeError(f"worker failed: {stderr.decode()[-2000:]}")
+    return {
+        "e2e_readings_per_s": readings * (1 - consumed) / (done_s - first_s),
+        "worker_rss_mb": rss_mb,
+    }
+
+
+async def _faust_per_event(settings: Settings) -> float:
+    """Messages per second of a Faust agent iterating single-reading messages one by one."""
+    import faust
+
+    from pipeline.app import faust_config, use_fetch_wait
+
+    name = f"{settings.topic_prefix}naive-per-reading"
+    producer = kafka.producer(settings)
+    await producer.start()
+    try:
+        t0 = datetime(2025, 4, 7, tzinfo=UTC)
+        pending = []
+        for n in range(NAIVE_MESSAGES):
+            reading = {
+                "kind": "meter",
+                "device": f"m{n % 100}",
+                "ts": (t0 + timedelta(seconds=n)).isoformat(),
+                "power_kw": 1.0,
+            }
+            value = orjson.dumps({"site": f"s{n % 50}", "reading": reading})
+            pending.append(await producer.send(name, value, key=f"s{n % 50}".encode()))
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+
+    app = faust.App(f"{settings.app_id}-naive", **faust_config(settings))
+    use_fetch_wait(app, settings)
+    source = app.topic(name, value_serializer="raw", partitions=PARTITIONS)
+    done = asyncio.Event()
+    seen = 0
+    started = 0.0
+
+    @app.agent(source)
+    async def per_event(stream: Any) -> None:
+        nonlocal seen, started
+        async for value in stream:
+            if seen == 0:
+                started = time.perf_counter()
+            orjson.loads(value)
+            seen += 1
+            if seen == NAIVE_MESSAGES:
+                done.set()
+
+    await app.start()
+    try:
+        await asyncio.wait_for(done.wait(), timeout=600)
+        elapsed = time.perf_counter() - started
+    finally:
+        await app.stop()
+    return (NAIVE_MESSAGES - 1) / elapsed
+
+
+def bench_e2e() -> dict[str, float]:
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        overrides = _overrides(broker, Path(tmp))
+        settings = load_settings(**overrides)
+        readings = asyncio.run(_load(settings))
+        raw_msgs_per_s, messages = asyncio.run(_raw_consume(settings))
+        out = _e2e(settings, overrides, readings)
+        naive = asyncio.run(_faust_per_event(load_settings(**_overrides(broker, Path(tmp)))))
+    return {
+        **out,
+        "raw_consume_msgs_per_s": raw_msgs_per_s,
+        "raw_consume_readings_per_s": raw_msgs_per_s * readings / messages,
+        "faust_per_event_msgs_per_s": naive,
+        "e2e_readings": float(readings),
+        "e2e_vs_raw_consume_readings": out["e2e_readings_per_s"]
+        / (raw_msgs_per_s * readings / messages),
+        "e2e_vs_faust_per_event": out["e2e_readings_per_s"] / naive,
+    }
+
+
+if __name__ == "__main__":
+    for key, value in bench_e2e().items():
+        print(f"{key:<32} {value:>14,.1f}")
