@@ -41,7 +41,7 @@ from pipeline.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample"
-ROUNDS = 1
+ROUNDS = 3
 PARTITIONS = 8
 NAIVE_MESSAGES = 20_000
 
@@ -154,25 +154,29 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def _e2e(settings: Settings, overrides: dict[str, Any], readings: int) -> dict[str, float]:
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "worker"],
-        env=_environment(overrides),
-        cwd=overrides["data_dir"].rsplit("/", 1)[0],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        first_s, done_s, consumed = asyncio.run(_watch_worker(settings, worker, timeout_s=900))
-        rss_mb = _peak_rss_mb(worker.pid)
-    finally:
-        worker.terminate()
+    work_dir = Path(overrides["data_dir"]).parent
+    # The worker's log goes to a file: a pipe nobody reads blocks it once full.
+    with (work_dir / "worker.log").open("wb") as log_file:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker"],
+            env=_environment(overrides),
+            cwd=work_dir,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
         try:
-            _, stderr = worker.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            _, stderr = worker.communicate()
+            first_s, done_s, consumed = asyncio.run(_watch_worker(settings, worker, timeout_s=900))
+            rss_mb = _peak_rss_mb(worker.pid)
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
     if worker.returncode not in (0, -15):
-        raise RuntimeError(f"worker failed: {stderr.decode()[-2000:]}")
+        log_tail = (work_dir / "worker.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"worker failed: {log_tail}")
     return {
         "e2e_readings_per_s": readings * (1 - consumed) / (done_s - first_s),
         "worker_rss_mb": rss_mb,
