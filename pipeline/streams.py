@@ -150,6 +150,38 @@ class TableState(Generic[S]):
         self._parsed[key] = (value, state)
 
 
+def fan_out_agent(
+    app: faust.App,
+    settings: Settings,
+    name: str,
+    source: topics.TopicSpec,
+    target: topics.TopicSpec,
+    model: type[M],
+    sites_for: Callable[[M], Sequence[str]],
+) -> None:
+    """Re-key each message of ``source`` onto ``target`` once per site ``sites_for`` names.
+
+    ``source`` is keyed by market or zone, telemetry by site: the copies on a site-keyed
+    ``target`` (co-partitioned with telemetry) let one worker see a site's readings and
+    its grid in one stream, and keep the site's state in one table partition. What does
+    not decode is dead-lettered here, once.
+    """
+    source_topic = raw_topic(app, settings, source)
+    target_topic = raw_topic(app, settings, target)
+    dlq = DeadLetters(app, settings, component=name.rsplit(".", 1)[0])
+
+    async def fan_out(stream: Any) -> None:
+        async for event in stream.events():
+            message = await decode_event(model, event, dlq)
+            if message is None:
+                continue
+            value = codec.encode(message)
+            for site in sites_for(message):
+                await target_topic.send(key=site.encode(), value=value)
+
+    app.agent(source_topic, name=name, supervisor_strategy=AGENT_SUPERVISOR)(fan_out)
+
+
 OUTPUT_TOPICS: dict[type[BaseModel], topics.TopicSpec] = {
     Alert: topics.ALERTS,
     Command: topics.COMMANDS,
@@ -231,30 +263,31 @@ def _register_site_agent(app: faust.App, settings: Settings, registry: _SiteStep
     prices_topic = settings.topic(topics.SITE_PRICES)
     outputs = {kind: raw_topic(app, settings, spec) for kind, spec in OUTPUT_TOPICS.items()}
 
+    # Intensities and prices come from our own fan-outs (validated there), by topic.
+    internal: dict[str, tuple[type[BaseModel], Callable[[_Steps], Any]]] = {
+        carbon_topic: (CarbonIntensity, lambda steps: steps.carbon),
+        prices_topic: (PriceTick, lambda steps: steps.prices),
+    }
+
     def run_steps(message: Any, site: str) -> list[SiteOutput]:
         out: list[SiteOutput] = []
         steps = [s for s in registry.steps if site in s.sites]
-        if message.topic == carbon_topic:
-            carbon_steps = [s.carbon for s in steps if s.carbon is not None]
-            intensity = _decode_internal(CarbonIntensity, message) if carbon_steps else None
-            if intensity is not None:
-                for carbon_step in carbon_steps:
-                    out.extend(carbon_step(site, intensity))
-        elif message.topic == prices_topic:
-            price_steps = [s.prices for s in steps if s.prices is not None]
-            tick = _decode_internal(PriceTick, message) if price_steps else None
-            if tick is not None:
-                for price_step in price_steps:
-                    out.extend(price_step(site, tick))
-        else:
-            telemetry_steps = [s.telemetry for s in steps if s.telemetry is not None]
-            if not telemetry_steps:
-                return out
-            batch, _ = codec.decode_telemetry(message.value)
-            if batch is None or batch.site != site:
-                return out  # dead-lettered by the arbitrage agent
-            for telemetry_step in telemetry_steps:
-                out.extend(telemetry_step(site, batch))
+        if message.topic in internal:
+            model, handler_of = internal[message.topic]
+            handlers = [h for s in steps if (h := handler_of(s)) is not None]
+            value = _decode_internal(model, message) if handlers else None
+            if value is not None:
+                for handler in handlers:
+                    out.extend(handler(site, value))
+            return out
+        telemetry_steps = [s.telemetry for s in steps if s.telemetry is not None]
+        if not telemetry_steps:
+            return out
+        batch, _ = codec.decode_telemetry(message.value)
+        if batch is None or batch.site != site:
+            return out  # dead-lettered by the arbitrage agent
+        for telemetry_step in telemetry_steps:
+            out.extend(telemetry_step(site, batch))
         return out
 
     async def site_agents(stream: Any) -> None:

@@ -97,7 +97,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline import codec, topics
+from pipeline import topics
 from pipeline.schemas import (
     BatteryReading,
     CarbonIntensity,
@@ -759,14 +759,7 @@ def register(app: faust.App, settings: Settings) -> None:
     committed offset with nothing counted twice: a reading at or before a device's last
     one is ignored) and the certificate ledger (written when an hour is settled).
     """
-    from pipeline.streams import (
-        AGENT_SUPERVISOR,
-        DeadLetters,
-        TableState,
-        decode_event,
-        raw_topic,
-        site_agent,
-    )
+    from pipeline.streams import TableState, fan_out_agent, site_agent
 
     configs = {site.id: cfg for site in settings.sites if (cfg := carbon_settings(site))}
     certificates = {}
@@ -784,19 +777,15 @@ def register(app: faust.App, settings: Settings) -> None:
     # these are every zone in use.
     zones = {site: cfg.zone for site, cfg in configs.items()}
 
-    carbon = raw_topic(app, settings, topics.CARBON)
-    site_carbon = raw_topic(app, settings, topics.SITE_CARBON)
-    dlq = DeadLetters(app, settings, component=__name__)
-
-    @app.agent(carbon, name=f"{__name__}.fan_out", supervisor_strategy=AGENT_SUPERVISOR)
-    async def fan_out(stream: Any) -> None:
-        async for event in stream.events():
-            intensity = await decode_event(CarbonIntensity, event, dlq)
-            if intensity is None:
-                continue
-            value = codec.encode(intensity)
-            for site in sites_in_zone(zones, intensity.zone):
-                await site_carbon.send(key=site.encode(), value=value)
+    fan_out_agent(
+        app,
+        settings,
+        f"{__name__}.fan_out",
+        topics.CARBON,
+        topics.SITE_CARBON,
+        CarbonIntensity,
+        lambda intensity: sites_in_zone(zones, intensity.zone),
+    )
 
     if not configs:
         return

@@ -8,9 +8,9 @@ table partition, with no global table.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from pipeline import codec, topics
+from pipeline import topics
 from pipeline.schemas import PriceTick
 from pipeline.settings import Settings
 
@@ -24,18 +24,14 @@ def sites_in_market(settings: Settings, market: str) -> list[str]:
 
 
 def register(app: faust.App, settings: Settings) -> None:
-    from pipeline.streams import AGENT_SUPERVISOR, DeadLetters, decode_event, raw_topic
+    from pipeline.streams import fan_out_agent
 
-    prices = raw_topic(app, settings, topics.PRICES)
-    site_prices = raw_topic(app, settings, topics.SITE_PRICES)
-    dlq = DeadLetters(app, settings, component=__name__)
-
-    @app.agent(prices, name=f"{__name__}.fan_out", supervisor_strategy=AGENT_SUPERVISOR)
-    async def fan_out(stream: Any) -> None:
-        async for event in stream.events():
-            tick = await decode_event(PriceTick, event, dlq)
-            if tick is None:
-                continue
-            value = codec.encode(tick)
-            for site in sites_in_market(settings, tick.market):
-                await site_prices.send(key=site.encode(), value=value)
+    fan_out_agent(
+        app,
+        settings,
+        f"{__name__}.fan_out",
+        topics.PRICES,
+        topics.SITE_PRICES,
+        PriceTick,
+        lambda tick: sites_in_market(settings, tick.market),
+    )
