@@ -76,6 +76,18 @@ class SiteCarbon:
     burned_mwh: float = 0.0
     expired_mwh: float = 0.0
     follow_sun_windows: int = 0
+    clean_kwh_by_day: dict[str, float] = field(default_factory=dict)
+    consumption_kwh_by_day: dict[str, float] = field(default_factory=dict)
+    """UTC day (ISO date) -> kWh, for the daily 24/7 score."""
+
+    @property
+    def daily_clean_share_pct(self) -> dict[str, float]:
+        """Hourly-matched clean share per UTC day, weighted by consumption. [%]"""
+        return {
+            day: 100.0 * self.clean_kwh_by_day[day] / load
+            for day, load in sorted(self.consumption_kwh_by_day.items())
+            if load > 0
+        }
 
     @property
     def clean_share_pct(self) -> float:
@@ -94,6 +106,9 @@ class SiteCarbon:
             "certificates_burned_mwh": round(self.burned_mwh, 6),
             "certificates_expired_mwh": round(self.expired_mwh, 6),
             "follow_sun_windows": self.follow_sun_windows,
+            "daily_clean_share_pct": {
+                day: round(share, 2) for day, share in self.daily_clean_share_pct.items()
+            },
         }
 
 
@@ -119,7 +134,11 @@ def summarize_carbon(
         site.grid_kwh += record.grid_energy_kwh
         site.location_based_kg_co2 += record.location_based_kg_co2
         site.market_based_kg_co2 += record.market_based_kg_co2
-        site.clean_kwh += load_kwh * record.clean_share_pct / 100.0
+        clean_kwh = load_kwh * record.clean_share_pct / 100.0
+        site.clean_kwh += clean_kwh
+        day = record.start.date().isoformat()
+        site.consumption_kwh_by_day[day] = site.consumption_kwh_by_day.get(day, 0.0) + load_kwh
+        site.clean_kwh_by_day[day] = site.clean_kwh_by_day.get(day, 0.0) + clean_kwh
     for event in certificate_events:
         if event.event_id in seen:
             continue
