@@ -15,6 +15,7 @@ from pipeline.schemas import (
     Decision,
     EmissionsRecord,
 )
+from processors.carbon import daily_clean_share_pct
 
 
 @dataclass
@@ -76,18 +77,8 @@ class SiteCarbon:
     burned_mwh: float = 0.0
     expired_mwh: float = 0.0
     follow_sun_windows: int = 0
-    clean_kwh_by_day: dict[str, float] = field(default_factory=dict)
-    consumption_kwh_by_day: dict[str, float] = field(default_factory=dict)
-    """UTC day (ISO date) -> kWh, for the daily 24/7 score."""
-
-    @property
-    def daily_clean_share_pct(self) -> dict[str, float]:
-        """Hourly-matched clean share per UTC day, weighted by consumption. [%]"""
-        return {
-            day: 100.0 * self.clean_kwh_by_day[day] / load
-            for day, load in sorted(self.consumption_kwh_by_day.items())
-            if load > 0
-        }
+    daily_clean_share_pct: dict[str, float] = field(default_factory=dict)
+    """Hourly-matched clean share per UTC day (ISO date), weighted by consumption. [%]"""
 
     @property
     def clean_share_pct(self) -> float:
@@ -122,6 +113,7 @@ def summarize_carbon(
     Records and events are counted once per id: the topics are at-least-once.
     """
     sites: dict[str, SiteCarbon] = {}
+    by_site: dict[str, list[EmissionsRecord]] = {}
     seen: set[str] = set()
     for record in records:
         if record.record_id in seen:
@@ -134,11 +126,12 @@ def summarize_carbon(
         site.grid_kwh += record.grid_energy_kwh
         site.location_based_kg_co2 += record.location_based_kg_co2
         site.market_based_kg_co2 += record.market_based_kg_co2
-        clean_kwh = load_kwh * record.clean_share_pct / 100.0
-        site.clean_kwh += clean_kwh
-        day = record.start.date().isoformat()
-        site.consumption_kwh_by_day[day] = site.consumption_kwh_by_day.get(day, 0.0) + load_kwh
-        site.clean_kwh_by_day[day] = site.clean_kwh_by_day.get(day, 0.0) + clean_kwh
+        site.clean_kwh += load_kwh * record.clean_share_pct / 100.0
+        by_site.setdefault(record.site, []).append(record)
+    for site_id, site_records in by_site.items():
+        sites[site_id].daily_clean_share_pct = {
+            day.isoformat(): share for day, share in daily_clean_share_pct(site_records).items()
+        }
     for event in certificate_events:
         if event.event_id in seen:
             continue
