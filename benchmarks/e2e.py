@@ -36,7 +36,7 @@ import orjson
 from ingest.carbon import CarbonFeed, CarbonFeedConfig
 from ingest.replay import Replay
 from pipeline import kafka, topics
-from pipeline.local import EmbeddedBroker
+from pipeline.local import EmbeddedBroker, die_with_parent, stop_process
 from pipeline.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,17 +163,13 @@ def _e2e(settings: Settings, overrides: dict[str, Any], readings: int) -> dict[s
             cwd=work_dir,
             stdout=subprocess.DEVNULL,
             stderr=log_file,
+            preexec_fn=die_with_parent,
         )
         try:
             first_s, done_s, consumed = asyncio.run(_watch_worker(settings, worker, timeout_s=900))
             rss_mb = _peak_rss_mb(worker.pid)
         finally:
-            worker.terminate()
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            stop_process(worker, timeout_s=60)
     if worker.returncode not in (0, -15):
         log_tail = (work_dir / "worker.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"worker failed: {log_tail}")

@@ -62,7 +62,7 @@ from typing import Any
 import orjson
 
 from pipeline import kafka, topics
-from pipeline.local import EmbeddedBroker, die_with_parent
+from pipeline.local import EmbeddedBroker, die_with_parent, stop_process
 from pipeline.settings import Settings, load_settings
 
 SITES = 5
@@ -356,12 +356,7 @@ def bench_scram_latency() -> dict[str, float]:
         except RuntimeError as error:
             raise RuntimeError(f"{error}; worker log: {log_path.read_text()[-3000:]}") from error
         finally:
-            worker.terminate()
-            try:
-                worker.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            stop_process(worker, timeout_s=15)
 
 
 if __name__ == "__main__":
