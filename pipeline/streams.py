@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import faust
+import faust.streams as faust_streams
 import mode
 from pydantic import BaseModel
 
 from pipeline import codec, topics
 from pipeline.schemas import (
     Alert,
+    AllocationPlan,
     CarbonIntensity,
     CertificateEvent,
     Command,
+    Decision,
     EmissionsRecord,
     PriceTick,
     TelemetryBatch,
@@ -112,16 +116,74 @@ async def decode_telemetry_event(event: Any, dlq: DeadLetters) -> TelemetryBatch
 
 S = TypeVar("S")
 
+# The shared site agent takes the messages waiting on its partitions in batches of up
+# to this many, waiting at most BATCH_WITHIN_S for a batch to fill. Table writes are
+# made once per batch (a site's state once, however many of its messages the batch
+# held): when a worker catches up on a backlog, state is serialised and logged once
+# per batch instead of once per message. When traffic is light the wait bounds the
+# delay a batch adds to an alert (SCRAM has its own agent and never waits).
+BATCH_MAX_MESSAGES = 500
+BATCH_WITHIN_S = 0.01
+
+
+class Flushable(Protocol):
+    def flush(self) -> None: ...
+
+
+@contextmanager
+def acting_for(event: Any) -> Iterator[None]:
+    """Make ``event`` Faust's current event: a table write goes to the changelog
+    partition of the current event, and the shared agent's writes are made after its
+    batch, outside Faust's own iteration. Faust has no public setter for it. None (no
+    stream, as in a unit test's plain dict) leaves the current event as it is."""
+    if event is None:
+        yield
+        return
+    token = faust_streams._current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        faust_streams._current_event.reset(token)
+
+
+class BufferedTable:
+    """A Faust table whose writes are held until the end of the agent's batch.
+
+    Reads see the held writes. :meth:`flush` (called by the shared site agent after
+    each batch, before its outputs are sent and its messages acknowledged) writes each
+    key's latest value to the table, which logs it to the changelog once, in the
+    partition of the message that last changed it.
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self._held: dict[str, tuple[Any, Any]] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key in self._held:
+            return self._held[key][1]
+        return self.table.get(key, default)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._held[key] = (faust.current_event(), value)
+
+    def flush(self) -> None:
+        for key, (event, value) in self._held.items():
+            with acting_for(event):
+                self.table[key] = value
+        self._held.clear()
+
 
 class TableState(Generic[S]):
     """A table of per-key state objects, stored as JSON, parsed only when they changed.
 
-    Every message still writes its key's JSON (the changelog is what a restarted or a
-    new worker recovers from), but parsing it back for the next message is skipped while
-    the table holds the very value this worker wrote: a memory store gives back the
-    object it was given, so identity proves nothing replaced it (a changelog recovery
-    after a rebalance, a restart). A RocksDB store returns a fresh object on every read,
-    and then the value is parsed as before.
+    :meth:`put` holds the state object; :meth:`flush` (once per batch of messages, see
+    :class:`BufferedTable`) dumps each held state and writes it, so a state changed by
+    many messages of a batch is serialised once. Parsing the stored JSON back is
+    skipped while the table holds the very value this worker wrote: a memory store
+    gives back the object it was given, so identity proves nothing replaced it (a
+    changelog recovery after a rebalance, a restart). A RocksDB store returns a fresh
+    object on every read, and then the value is parsed as before.
     """
 
     def __init__(
@@ -134,8 +196,12 @@ class TableState(Generic[S]):
         self.parse = parse
         self.dump = dump
         self._parsed: dict[str, tuple[Any, S]] = {}
+        self._held: dict[str, tuple[Any, S]] = {}
 
     def get(self, key: str) -> S:
+        held = self._held.get(key)
+        if held is not None:
+            return held[1]
         stored = self.table.get(key)
         cached = self._parsed.get(key)
         if cached is not None and stored is not None and cached[0] is stored:
@@ -145,9 +211,42 @@ class TableState(Generic[S]):
         return state
 
     def put(self, key: str, state: S) -> None:
-        value = self.dump(state)
-        self.table[key] = value
-        self._parsed[key] = (value, state)
+        self._held[key] = (faust.current_event(), state)
+
+    def flush(self) -> None:
+        for key, (event, state) in self._held.items():
+            value = self.dump(state)
+            with acting_for(event):
+                self.table[key] = value
+            self._parsed[key] = (value, state)
+        self._held.clear()
+
+
+def site_table(app: faust.App, settings: Settings, name: str, help: str) -> BufferedTable:
+    """A per-site table ``{app_id}-{name}`` written once per batch of the shared site agent."""
+    table = BufferedTable(_site_faust_table(app, settings, name, help))
+    _site_registry(app, settings).tables.append(table)
+    return table
+
+
+def site_state(
+    app: faust.App,
+    settings: Settings,
+    name: str,
+    help: str,
+    parse: Callable[[Any], S],
+    dump: Callable[[S], Any],
+) -> TableState[S]:
+    """Per-site state objects in the table ``{app_id}-{name}``, see :class:`TableState`."""
+    states = TableState(_site_faust_table(app, settings, name, help), parse, dump)
+    _site_registry(app, settings).tables.append(states)
+    return states
+
+
+def _site_faust_table(app: faust.App, settings: Settings, name: str, help: str) -> Any:
+    return app.Table(
+        f"{settings.app_id}-{name}", default=None, partitions=settings.partitions, help=help
+    )
 
 
 def fan_out_agent(
@@ -185,12 +284,14 @@ def fan_out_agent(
 OUTPUT_TOPICS: dict[type[BaseModel], topics.TopicSpec] = {
     Alert: topics.ALERTS,
     Command: topics.COMMANDS,
+    Decision: topics.DECISIONS,
+    AllocationPlan: topics.ALLOCATIONS,
     EmissionsRecord: topics.EMISSIONS,
     CertificateEvent: topics.CERTIFICATES,
 }
 """Where a site agent's outputs go, by message type."""
 
-SiteOutput = Alert | Command | EmissionsRecord | CertificateEvent
+SiteOutput = Alert | Command | Decision | AllocationPlan | EmissionsRecord | CertificateEvent
 SiteStep = Callable[[str, TelemetryBatch], Sequence[SiteOutput]]
 CarbonStep = Callable[[str, CarbonIntensity], Sequence[SiteOutput]]
 PriceStep = Callable[[str, PriceTick], Sequence[SiteOutput]]
@@ -207,12 +308,21 @@ class _Steps:
 
 @dataclass
 class _SiteSteps:
-    """The steps of one app's site agents, fed by one Faust agent."""
+    """The steps of one app's site agents, fed by one Faust agent, and their tables."""
 
     steps: list[_Steps] = field(default_factory=list)
+    tables: list[Flushable] = field(default_factory=list)
 
 
 _SITE_STEPS: weakref.WeakKeyDictionary[faust.App, _SiteSteps] = weakref.WeakKeyDictionary()
+
+
+def _site_registry(app: faust.App, settings: Settings) -> _SiteSteps:
+    registry = _SITE_STEPS.get(app)
+    if registry is None:
+        registry = _SITE_STEPS[app] = _SiteSteps()
+        _register_site_agent(app, settings, registry)
+    return registry
 
 
 def site_telemetry_agent(
@@ -241,19 +351,16 @@ def site_agent(
     """Feed a site's telemetry batches, carbon intensities (``site-carbon``) and price ticks
     (``site-prices``) to the given steps, and send what they return to ``OUTPUT_TOPICS``.
 
-    A step is the processor's engine, with its table reads and writes (Faust tables are
-    read and written synchronously); ``name`` names the processor. Every site agent of
-    an app shares one Faust agent over the three co-partitioned topics: a batch is decoded
-    once, then given to each step in the order they were registered, and a site's
-    readings, intensities and prices reach its steps in one stream, in their order on
-    the partition. Undecodable telemetry is skipped: the arbitrage agent reads the same
-    records and dead-letters them once (intensities and prices were validated by their
-    fan-out).
+    A step is the processor's engine, with its table reads and writes (tables made by
+    :func:`site_table` or :func:`site_state`, written once per batch); ``name`` names
+    the processor. Every site agent of an app shares one Faust agent over the three
+    co-partitioned topics: a telemetry batch is decoded once (what does not decode, or
+    names another site than its key, is dead-lettered there), then given to each step
+    in the order they were registered, and a site's readings, intensities and prices
+    reach its steps in one stream, in their order on the partition. Intensities and
+    prices were validated by their fan-out.
     """
-    registry = _SITE_STEPS.get(app)
-    if registry is None:
-        registry = _SITE_STEPS[app] = _SiteSteps()
-        _register_site_agent(app, settings, registry)
+    registry = _site_registry(app, settings)
     registry.steps.append(_Steps(name, frozenset(sites), telemetry, carbon, prices))
 
 
@@ -262,6 +369,7 @@ def _register_site_agent(app: faust.App, settings: Settings, registry: _SiteStep
     carbon_topic = settings.topic(topics.SITE_CARBON)
     prices_topic = settings.topic(topics.SITE_PRICES)
     outputs = {kind: raw_topic(app, settings, spec) for kind, spec in OUTPUT_TOPICS.items()}
+    dlq = DeadLetters(app, settings, component=f"{__name__}.site_agents")
 
     # Intensities and prices come from our own fan-outs (validated there), by topic.
     internal: dict[str, tuple[type[BaseModel], Callable[[_Steps], Any]]] = {
@@ -269,33 +377,51 @@ def _register_site_agent(app: faust.App, settings: Settings, registry: _SiteStep
         prices_topic: (PriceTick, lambda steps: steps.prices),
     }
 
-    def run_steps(message: Any, site: str) -> list[SiteOutput]:
+    def run_internal(message: Any, site: str) -> list[SiteOutput]:
+        model, handler_of = internal[message.topic]
+        handlers = [
+            h for s in registry.steps if site in s.sites and (h := handler_of(s)) is not None
+        ]
+        value = _decode_internal(model, message) if handlers else None
         out: list[SiteOutput] = []
-        steps = [s for s in registry.steps if site in s.sites]
-        if message.topic in internal:
-            model, handler_of = internal[message.topic]
-            handlers = [h for s in steps if (h := handler_of(s)) is not None]
-            value = _decode_internal(model, message) if handlers else None
-            if value is not None:
-                for handler in handlers:
-                    out.extend(handler(site, value))
-            return out
-        telemetry_steps = [s.telemetry for s in steps if s.telemetry is not None]
-        if not telemetry_steps:
-            return out
-        batch, _ = codec.decode_telemetry(message.value)
-        if batch is None or batch.site != site:
-            return out  # dead-lettered by the arbitrage agent
-        for telemetry_step in telemetry_steps:
-            out.extend(telemetry_step(site, batch))
+        if value is not None:
+            for handler in handlers:
+                out.extend(handler(site, value))
+        return out
+
+    async def run_telemetry(event: Any, site: str) -> list[SiteOutput]:
+        batch = await decode_telemetry_event(event, dlq)
+        if batch is None:
+            return []
+        if batch.site != site:
+            await dlq.reject(
+                event, f"batch site {batch.site!r} != Kafka key {site!r}", "KeyMismatch"
+            )
+            return []
+        out: list[SiteOutput] = []
+        for steps in registry.steps:
+            if steps.telemetry is not None and site in steps.sites:
+                out.extend(steps.telemetry(site, batch))
         return out
 
     async def site_agents(stream: Any) -> None:
-        async for event in stream.events():
-            message = event.message
-            site = (message.key or b"").decode("utf-8", "replace")
-            for item in run_steps(message, site):
-                await outputs[type(item)].send(key=site.encode(), value=codec.encode(item))
+        async for events in stream.take_events(BATCH_MAX_MESSAGES, within=BATCH_WITHIN_S):
+            sends: list[tuple[bytes, SiteOutput]] = []
+            for event in events:
+                message = event.message
+                site = (message.key or b"").decode("utf-8", "replace")
+                with acting_for(event):
+                    if message.topic in internal:
+                        out = run_internal(message, site)
+                    else:
+                        out = await run_telemetry(event, site)
+                key = site.encode()
+                sends.extend((key, item) for item in out)
+            # State first, then outputs; the batch's messages are acknowledged after both.
+            for table in registry.tables:
+                table.flush()
+            for key, item in sends:
+                await outputs[type(item)].send(key=key, value=codec.encode(item))
 
     app.agent(source, name=f"{__name__}.site_agents", supervisor_strategy=AGENT_SUPERVISOR)(
         site_agents

@@ -76,7 +76,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline import codec, topics
 from pipeline.schemas import (
     Allocation,
     AllocationPlan,
@@ -86,6 +85,7 @@ from pipeline.schemas import (
     PriceTick,
     Reading,
     SourceFlow,
+    TelemetryBatch,
     stable_id,
 )
 from pipeline.settings import (
@@ -1046,57 +1046,38 @@ def register(app: faust.App, settings: Settings) -> None:
     """Wire allocation to Kafka: telemetry + site prices in, allocation plans out.
 
     Only sites with an ``allocation`` section get work; their sections are validated
-    here, at start-up. Undecodable telemetry is skipped silently: the arbitrage agent
-    consumes the same records and dead-letters them once.
+    here, at start-up.
     """
-    from pipeline.streams import (
-        AGENT_SUPERVISOR,
-        DeadLetters,
-        TableState,
-        decode_event,
-        raw_topic,
-    )
+    from pipeline.streams import site_agent, site_state
 
     engines = {
         site.id: SiteAllocation(cfg)
         for site in settings.sites
         if (cfg := allocation_settings(site)) is not None
     }
-    telemetry_name = settings.topic(topics.TELEMETRY)
-    site_prices_name = settings.topic(topics.SITE_PRICES)
-    source = raw_topic(app, settings, topics.TELEMETRY, topics.SITE_PRICES)
-    plans_topic = raw_topic(app, settings, topics.ALLOCATIONS)
-    dlq = DeadLetters(app, settings, component=__name__)
-    table = app.Table(
-        f"{settings.app_id}-allocation-state",
-        default=None,
-        partitions=settings.partitions,
-        help="Per-site allocation state: known prices, readings of unplanned intervals.",
+    if not engines:
+        return
+    states = site_state(
+        app,
+        settings,
+        "allocation-state",
+        "Per-site allocation state: known prices, readings of unplanned intervals.",
+        AllocationState.from_json,
+        AllocationState.to_json,
     )
-    states = TableState(table, AllocationState.from_json, AllocationState.to_json)
 
-    @app.agent(source, name=f"{__name__}.allocation", supervisor_strategy=AGENT_SUPERVISOR)
-    async def allocation(stream: Any) -> None:
-        async for event in stream.events():
-            message = event.message
-            site = (message.key or b"").decode("utf-8", "replace")
-            engine = engines.get(site)
-            if engine is None:
-                continue
-            if message.topic == telemetry_name:
-                batch, _ = codec.decode_telemetry(message.value)
-                if batch is None or batch.site != site:
-                    continue  # dead-lettered by the arbitrage agent
-                state = states.get(site)
-                results = engine.on_readings(state, batch.readings)
-            elif message.topic == site_prices_name:
-                tick = await decode_event(PriceTick, event, dlq)
-                if tick is None:
-                    continue
-                state = states.get(site)
-                results = engine.on_price(state, tick.start, tick.end, tick.price_per_kwh)
-            else:  # pragma: no cover - the channel only has the two topics
-                continue
-            states.put(site, state)
-            for result in results:
-                await plans_topic.send(key=site.encode(), value=codec.encode(result.plan))
+    def on_telemetry(site: str, batch: TelemetryBatch) -> list[AllocationPlan]:
+        state = states.get(site)
+        results = engines[site].on_readings(state, batch.readings)
+        states.put(site, state)
+        return [result.plan for result in results]
+
+    def on_price(site: str, tick: PriceTick) -> list[AllocationPlan]:
+        state = states.get(site)
+        results = engines[site].on_price(state, tick.start, tick.end, tick.price_per_kwh)
+        states.put(site, state)
+        return [result.plan for result in results]
+
+    site_agent(
+        app, settings, f"{__name__}.allocation", engines, telemetry=on_telemetry, prices=on_price
+    )

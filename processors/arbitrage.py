@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from pipeline import codec, topics
 from pipeline.schemas import (
     Action,
     BatteryReading,
@@ -420,13 +419,20 @@ class SiteArbitrage:
             )
         )
         decisions: list[Decision] = []
+        # Every other waiting reading's interval is still unknown (a reading whose
+        # interval was known was decided on arrival or by that interval's tick), so only
+        # those inside this tick's interval are looked up: one pass over the waiting
+        # readings, however long the backlog of a worker catching up ahead of its prices.
+        start_ms, end_ms = _ms(tick.start), _ms(tick.end)
         for device, battery_state in sorted(state.batteries.items()):
             battery = self.batteries.get(device)
-            if battery is None or not battery_state.unpriced:
+            if battery is None or not any(
+                start_ms <= t < end_ms for t, _ in battery_state.unpriced
+            ):
                 continue
             still_unpriced: list[tuple[int, float]] = []
             for ts_ms, soc_pct in battery_state.unpriced:
-                interval = state.interval_at(ts_ms)
+                interval = state.interval_at(ts_ms) if start_ms <= ts_ms < end_ms else None
                 if interval is None:
                     still_unpriced.append((ts_ms, soc_pct))
                     continue
@@ -551,60 +557,47 @@ def battery_readings(batch: TelemetryBatch) -> list[BatteryReading]:
 
 
 def register(app: faust.App, settings: Settings) -> None:
-    """Wire the rule to Kafka: telemetry + site prices in, decisions out, state in a table."""
+    """Wire the rule to Kafka: telemetry + site prices in, decisions and commands out,
+    state in a table (written once per batch of messages)."""
     # Imported here so that importing the rule never imports Faust.
-    from pipeline.streams import (
-        AGENT_SUPERVISOR,
-        DeadLetters,
-        TableState,
-        decode_event,
-        decode_telemetry_event,
-        raw_topic,
-    )
+    from pipeline.streams import site_agent, site_state
 
-    telemetry_name = settings.topic(topics.TELEMETRY)
-    site_prices_name = settings.topic(topics.SITE_PRICES)
-    source = raw_topic(app, settings, topics.TELEMETRY, topics.SITE_PRICES)
-    decisions_topic = raw_topic(app, settings, topics.DECISIONS)
-    commands_topic = raw_topic(app, settings, topics.COMMANDS)
-    dlq = DeadLetters(app, settings, component=__name__)
-    table = app.Table(
-        f"{settings.app_id}-arbitrage-state",
-        default=None,
-        partitions=settings.partitions,
-        help="Per-site arbitrage state: known prices, pending readings, last decided interval.",
-    )
-    states = TableState(table, SiteState.from_json, SiteState.to_json)
     engines = {site.id: SiteArbitrage(site) for site in settings.sites if site.batteries}
+    if not engines:
+        return
+    states = site_state(
+        app,
+        settings,
+        "arbitrage-state",
+        "Per-site arbitrage state: known prices, pending readings, last decided interval.",
+        SiteState.from_json,
+        SiteState.to_json,
+    )
 
-    @app.agent(source, name=f"{__name__}.arbitrage", supervisor_strategy=AGENT_SUPERVISOR)
-    async def arbitrage(stream: Any) -> None:
-        async for event in stream.events():
-            message = event.message
-            site = (message.key or b"").decode("utf-8", "replace")
-            engine = engines.get(site)
-            if message.topic == telemetry_name:
-                batch = await decode_telemetry_event(event, dlq)
-                if batch is None or engine is None:
-                    continue
-                if batch.site != site:
-                    await dlq.reject(
-                        event, f"batch site {batch.site!r} != Kafka key {site!r}", "KeyMismatch"
-                    )
-                    continue
-                state = states.get(site)
-                decisions = engine.on_readings(state, battery_readings(batch))
-            elif message.topic == site_prices_name:
-                tick = await decode_event(PriceTick, event, dlq)
-                if tick is None or engine is None:
-                    continue
-                state = states.get(site)
-                decisions = engine.on_price(state, tick)
-            else:  # pragma: no cover - the channel only has the two topics
-                continue
-            states.put(site, state)
-            for decision in decisions:
-                await decisions_topic.send(key=site.encode(), value=codec.encode(decision))
-                command = command_for(decision, engine.batteries[decision.device])
-                if command is not None:
-                    await commands_topic.send(key=site.encode(), value=codec.encode(command))
+    def with_commands(site: str, decisions: list[Decision]) -> list[Decision | Command]:
+        out: list[Decision | Command] = []
+        for decision in decisions:
+            out.append(decision)
+            command = command_for(decision, engines[site].batteries[decision.device])
+            if command is not None:
+                out.append(command)
+        return out
+
+    def on_telemetry(site: str, batch: TelemetryBatch) -> list[Decision | Command]:
+        readings = battery_readings(batch)
+        if not readings:
+            return []
+        state = states.get(site)
+        decisions = engines[site].on_readings(state, readings)
+        states.put(site, state)
+        return with_commands(site, decisions)
+
+    def on_price(site: str, tick: PriceTick) -> list[Decision | Command]:
+        state = states.get(site)
+        decisions = engines[site].on_price(state, tick)
+        states.put(site, state)
+        return with_commands(site, decisions)
+
+    site_agent(
+        app, settings, f"{__name__}.arbitrage", engines, telemetry=on_telemetry, prices=on_price
+    )

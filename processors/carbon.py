@@ -423,10 +423,15 @@ def _iso(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat()
 
 
+def _utc(iso: str) -> datetime:
+    return datetime.fromisoformat(iso).astimezone(UTC)
+
+
 @dataclass
 class _Device:
     role: Role
-    ts: str
+    ts: datetime
+    """The last reading's time (UTC)."""
     power_kw: float
     open: bool = True
     """The last reading's hold has not been integrated yet."""
@@ -454,7 +459,8 @@ class CarbonState:
     def to_json(self) -> dict[str, Any]:
         return {
             "devices": {
-                d: [v.role, v.ts, v.power_kw, v.open] for d, v in sorted(self.devices.items())
+                d: [v.role, v.ts.isoformat(), v.power_kw, v.open]
+                for d, v in sorted(self.devices.items())
             },
             "clock": self.clock,
             "hours": {h: f.to_json() for h, f in self.hours.items()},
@@ -473,7 +479,10 @@ class CarbonState:
             return cls()
         last = data["last_intensity"]
         return cls(
-            devices={d: _Device(v[0], v[1], v[2], v[3]) for d, v in data["devices"].items()},
+            devices={
+                d: _Device(v[0], datetime.fromisoformat(v[1]), v[2], v[3])
+                for d, v in data["devices"].items()
+            },
             clock=data["clock"],
             hours={h: HourFlows.from_json(f) for h, f in data["hours"].items()},
             intensities={s: (v[0], v[1], v[2]) for s, v in data["intensities"].items()},
@@ -520,25 +529,28 @@ class CarbonEngine:
     def add_readings(self, readings: Iterable[Reading]) -> list[EmissionsRecord]:
         """Integrate readings (any kinds; others are skipped); return the hours now ready."""
         state = self.state
+        # Parsed once per batch, not per reading: this loop is the engine's hot path.
+        emitted_until = None if state.emitted_until is None else _utc(state.emitted_until)
+        clock = None if state.clock is None else _utc(state.clock)
         for reading in sorted(readings, key=lambda r: r.ts):
             role = self._role(reading)
             if role is None:
                 continue
-            ts = reading.ts
-            late = state.emitted_until is not None and ts < datetime.fromisoformat(
-                state.emitted_until
-            )
+            ts = reading.ts.astimezone(UTC)
+            late = emitted_until is not None and ts < emitted_until
             device = state.devices.get(reading.device)
-            if late or (device is not None and ts <= datetime.fromisoformat(device.ts)):
+            if late or (device is not None and ts <= device.ts):
                 state.ignored_readings += 1
                 continue
             if device is not None and device.open:
                 self._integrate(reading.device, device, ts)
             assert isinstance(reading, MeterReading | SolarReading | BatteryReading)
             power_kw = float(reading.power_kw)
-            state.devices[reading.device] = _Device(role, _iso(ts), power_kw)
-            if state.clock is None or ts > datetime.fromisoformat(state.clock):
-                state.clock = _iso(ts)
+            state.devices[reading.device] = _Device(role, ts, power_kw)
+            if clock is None or ts > clock:
+                clock = ts
+        if clock is not None:
+            state.clock = clock.isoformat()
         self._close_expired()
         return self._ready()
 
@@ -573,15 +585,15 @@ class CarbonEngine:
 
     def _integrate(self, device_id: str, device: _Device, until: datetime) -> None:
         """Hold the device's last power from its ts to ``until`` (capped by the hold)."""
-        start = datetime.fromisoformat(device.ts)
+        start = device.ts
         end = min(until, start + timedelta(seconds=self.cfg.max_hold_s))
         device.open = False
         power_kw = device.power_kw
         while start < end:
-            hour = _hour_floor(start)
+            hour = start.replace(minute=0, second=0, microsecond=0)  # device times are UTC
             stop = min(end, hour + HOUR)
             energy_kwh = power_kw * (stop - start).total_seconds() / 3600.0
-            flows = self.state.hours.setdefault(_iso(hour), HourFlows())
+            flows = self.state.hours.setdefault(hour.isoformat(), HourFlows())
             if device.role == "meter":
                 if energy_kwh >= 0:
                     flows.import_kwh += energy_kwh
@@ -604,7 +616,7 @@ class CarbonEngine:
         clock = datetime.fromisoformat(self.state.clock)
         hold = timedelta(seconds=self.cfg.max_hold_s)
         for device_id, device in self.state.devices.items():
-            if device.open and datetime.fromisoformat(device.ts) + hold <= clock:
+            if device.open and device.ts + hold <= clock:
                 self._integrate(device_id, device, clock)
 
     def _complete(self, hour_end: datetime) -> bool:
@@ -615,9 +627,7 @@ class CarbonEngine:
         if clock < hour_end + timedelta(seconds=self.cfg.certificates_wait_s):
             return False
         # A device still holding a power from before the hour's end may add energy to it.
-        return all(
-            not d.open or datetime.fromisoformat(d.ts) >= hour_end for d in state.devices.values()
-        )
+        return all(not d.open or d.ts >= hour_end for d in state.devices.values())
 
     def _intensity(self, hour_start: datetime) -> HourIntensity | None:
         """Time-weighted mean of the intervals covering the hour; None if not fully covered."""
@@ -759,7 +769,7 @@ def register(app: faust.App, settings: Settings) -> None:
     committed offset with nothing counted twice: a reading at or before a device's last
     one is ignored) and the certificate ledger (written when an hour is settled).
     """
-    from pipeline.streams import TableState, fan_out_agent, site_agent
+    from pipeline.streams import fan_out_agent, site_agent, site_state, site_table
 
     configs = {site.id: cfg for site in settings.sites if (cfg := carbon_settings(site))}
     certificates = {}
@@ -789,18 +799,19 @@ def register(app: faust.App, settings: Settings) -> None:
 
     if not configs:
         return
-    state_table = app.Table(
-        f"{settings.app_id}-carbon-state",
-        default=None,
-        partitions=settings.partitions,
-        help="Per-site Scope 2 engine: open hours, devices' last readings, battery pool.",
+    states = site_state(
+        app,
+        settings,
+        "carbon-state",
+        "Per-site Scope 2 engine: open hours, devices' last readings, battery pool.",
+        CarbonState.from_json,
+        CarbonState.to_json,
     )
-    states = TableState(state_table, CarbonState.from_json, CarbonState.to_json)
-    ledger_table = app.Table(
-        f"{settings.app_id}-certificate-ledger",
-        default=None,
-        partitions=settings.partitions,
-        help="Per-site guarantee-of-origin ledger (its events and the minting memory).",
+    ledger_table = site_table(
+        app,
+        settings,
+        "certificate-ledger",
+        "Per-site guarantee-of-origin ledger (its events and the minting memory).",
     )
 
     def run(

@@ -1062,27 +1062,29 @@ def register(app: faust.App, settings: Settings) -> None:
     """Wire curtailment to Kafka: telemetry in, alerts and commands out.
 
     Only sites with a ``curtailment`` section get work; sections are validated here, at
-    start-up. Undecodable telemetry is skipped silently: the arbitrage agent consumes the
-    same records and dead-letters them once.
+    start-up. Undecodable telemetry is dead-lettered once, by the shared site agent
+    (:func:`pipeline.streams.site_agent`).
     """
-    from pipeline.streams import site_telemetry_agent
+    from pipeline.streams import site_state, site_telemetry_agent
 
     engines = {
         site.id: CurtailmentEngine(cfg)
         for site in settings.sites
         if (cfg := curtailment_settings(site)) is not None
     }
-    table = app.Table(
-        f"{settings.app_id}-curtailment-state",
-        default=None,
-        partitions=settings.partitions,
-        help="Per-site curtailment state: latest powers, open incidents, device adjustments.",
+    states = site_state(
+        app,
+        settings,
+        "curtailment-state",
+        "Per-site curtailment state: latest powers, open incidents, device adjustments.",
+        CurtailmentState.from_json,
+        CurtailmentState.to_json,
     )
 
     def step(site: str, batch: TelemetryBatch) -> list[Alert | Command]:
-        state = CurtailmentState.from_json(table.get(site))
+        state = states.get(site)
         out = engines[site].on_readings(state, batch.readings)
-        table[site] = state.to_json()
+        states.put(site, state)
         return out
 
     site_telemetry_agent(app, settings, f"{__name__}.curtailment", engines, step)

@@ -119,18 +119,18 @@ def register(app: faust.App, settings: Settings) -> None:
     The readings between the checkpoint and the committed offset only refine the
     baselines, so a restart loses none of the alerts' identity (ids are from data).
     """
-    from pipeline.streams import site_telemetry_agent
+    from pipeline.streams import site_table, site_telemetry_agent
 
     engines = {
         site.id: SiteDetection(site.id, cfg)
         for site in settings.sites
         if (cfg := detection_settings(site)).enabled
     }
-    table = app.Table(
-        f"{settings.app_id}-detection-state",
-        default=None,
-        partitions=settings.partitions,
-        help="Per-device detector baselines: local level, residuals, profile, idle baseline.",
+    table = site_table(
+        app,
+        settings,
+        "detection-state",
+        "Per-device detector baselines: local level, residuals, profile, idle baseline.",
     )
     checkpointed_s: dict[str, float] = {}
 

@@ -1135,30 +1135,32 @@ def register(app: faust.App, settings: Settings) -> None:
     """Wire fleet charging to Kafka: telemetry in, charger setpoints and alerts out.
 
     Only sites with a ``fleet`` section get work; sections are validated here, at
-    start-up. Undecodable telemetry is skipped silently: the arbitrage agent consumes the
-    same records and dead-letters them once.
+    start-up. Undecodable telemetry is dead-lettered once, by the shared site agent
+    (:func:`pipeline.streams.site_agent`).
     """
-    from pipeline.streams import site_telemetry_agent
+    from pipeline.streams import site_state, site_telemetry_agent
 
     engines = {
         site.id: SiteFleet(cfg)
         for site in settings.sites
         if (cfg := fleet_settings(site)) is not None
     }
-    table = app.Table(
-        f"{settings.app_id}-fleet-state",
-        default=None,
-        partitions=settings.partitions,
-        help="Per-site fleet state: plugged-in vehicles, states of charge, last plan.",
+    states = site_state(
+        app,
+        settings,
+        "fleet-state",
+        "Per-site fleet state: plugged-in vehicles, states of charge, last plan.",
+        FleetState.from_json,
+        FleetState.to_json,
     )
 
     def step(site: str, batch: TelemetryBatch) -> list[Alert | Command]:
         readings = [r for r in batch.readings if isinstance(r, EvReading)]
         if not readings:
             return []
-        state = FleetState.from_json(table.get(site))
+        state = states.get(site)
         out = engines[site].on_readings(state, readings)
-        table[site] = state.to_json()
+        states.put(site, state)
         return out
 
     # Telemetry only: this agent does not use prices, so it does not read them.

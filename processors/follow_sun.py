@@ -373,7 +373,7 @@ def register(app: faust.App, settings: Settings) -> None:
     :mod:`processors.carbon` to the sites of each ``[sites.carbon]`` zone, which a
     follow-the-sun site must have) in; demand-response alerts and job commands out.
     """
-    from pipeline.streams import TableState, site_agent
+    from pipeline.streams import site_agent, site_state
     from processors.carbon import carbon_settings
 
     feeds = {}
@@ -389,13 +389,14 @@ def register(app: faust.App, settings: Settings) -> None:
         feeds[site.id] = GridFeed(site.id, cfg)
     if not feeds:
         return
-    table = app.Table(
-        f"{settings.app_id}-follow-sun-state",
-        default=None,
-        partitions=settings.partitions,
-        help="Per-site follow-the-sun: the open window, running jobs, intervals to judge.",
+    states = site_state(
+        app,
+        settings,
+        "follow-sun-state",
+        "Per-site follow-the-sun: the open window, running jobs, intervals to judge.",
+        GridFeedState.from_json,
+        GridFeedState.to_json,
     )
-    states = TableState(table, GridFeedState.from_json, GridFeedState.to_json)
 
     def step(
         site: str, update: Callable[[GridFeed, GridFeedState], list[Alert | Command]]

@@ -740,21 +740,21 @@ def register(app: faust.App, settings: Settings) -> None:
     """Wire island mode to Kafka: telemetry in, commands and alerts out.
 
     Only sites with an ``island`` section get work; sections are validated here, at
-    start-up. Undecodable telemetry is skipped silently: the arbitrage agent consumes the
-    same records and dead-letters them once.
+    start-up. Undecodable telemetry is dead-lettered once, by the shared site agent
+    (:func:`pipeline.streams.site_agent`).
     """
-    from pipeline.streams import site_telemetry_agent
+    from pipeline.streams import site_table, site_telemetry_agent
 
     controllers = {
         site.id: IslandController(cfg)
         for site in settings.sites
         if (cfg := island_settings(site)) is not None
     }
-    table = app.Table(
-        f"{settings.app_id}-island-state",
-        default=None,
-        partitions=settings.partitions,
-        help="Per-site island state: grid state, shed loads, running generators, latest powers.",
+    table = site_table(
+        app,
+        settings,
+        "island-state",
+        "Per-site island state: grid state, shed loads, running generators, latest powers.",
     )
 
     def step(site: str, batch: TelemetryBatch) -> list[Command | Alert]:

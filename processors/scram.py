@@ -805,7 +805,7 @@ def parse_fusion(raw: bytes) -> tuple[str | None, list[FusionReading]]:
     on its own is kept, even from a batch the codec rejects (a non-finite value
     written as ``NaN`` by a lenient JSON encoder, a broken envelope): a SCRAM must
     not wait for a neighbour's broken reading. The site is None when the batch does
-    not name a valid one. The arbitrage agent dead-letters what is rejected.
+    not name a valid one. The shared site agent dead-letters what is rejected.
     """
     if FUSION_MARKER not in raw:
         return None, []
@@ -859,8 +859,9 @@ def register(app: faust.App, settings: Settings) -> None:
     """Wire SCRAM to Kafka: telemetry in, SCRAM commands and alerts out, state in a table.
 
     Every site's fusion readings are watched (defaults without a ``fusion`` section);
-    sections are validated here, at start-up. Undecodable telemetry is skipped: the
-    arbitrage agent consumes the same records and dead-letters them once.
+    sections are validated here, at start-up. SCRAM has an agent of its own, so that no
+    slow step of the shared site agent ever delays it; undecodable telemetry is skipped
+    here and dead-lettered once, by the shared site agent.
     """
     from pipeline.streams import AGENT_SUPERVISOR, raw_topic
 

@@ -1193,21 +1193,21 @@ def register(app: faust.App, settings: Settings) -> None:
     Only sites with a ``solar`` section get work; sections are validated here, at
     start-up. State is one table entry per site and array (``site/device``): the
     telemetry topic is keyed by site, so every entry of a site is written from that
-    site's partition. Undecodable telemetry is skipped silently: the arbitrage agent
-    consumes the same records and dead-letters them once.
+    site's partition. Undecodable telemetry is dead-lettered once,
+    by the shared site agent (:func:`pipeline.streams.site_agent`).
     """
-    from pipeline.streams import site_telemetry_agent
+    from pipeline.streams import site_table, site_telemetry_agent
 
     sites = {
         site.id: SiteSolar(site.id, cfg)
         for site in settings.sites
         if (cfg := solar_settings(site)) is not None
     }
-    table = app.Table(
-        f"{settings.app_id}-solar-state",
-        default=None,
-        partitions=settings.partitions,
-        help="Per-array solar detector state: learned normal, windows, open incident.",
+    table = site_table(
+        app,
+        settings,
+        "solar-state",
+        "Per-array solar detector state: learned normal, windows, open incident.",
     )
 
     def step(site: str, batch: TelemetryBatch) -> list[Alert]:

@@ -116,7 +116,7 @@ async def test_replay_through_agents_gives_the_rule_decisions_and_dead_letters_b
     assert letters[0].error_type == "JSONDecodeError"
     assert letters[0].raw == '{"site": "site-0", "readings": ['
     assert letters[0].source_topic == settings.topic(topics.TELEMETRY)
-    assert letters[0].component == "processors.arbitrage"
+    assert letters[0].component == "pipeline.streams.site_agents"
     assert orjson.loads(codec.encode(letters[0]))["reason"].startswith("not JSON")
 
 

@@ -1,28 +1,51 @@
-"""TableState: parse a table's JSON state only when the table no longer holds what we wrote."""
+"""TableState and BufferedTable: held writes, one table write per flush, parse only when
+the table no longer holds what we wrote."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from pipeline.streams import TableState
+from pipeline.streams import BufferedTable, TableState
 
 
-def test_state_is_parsed_once_while_the_table_holds_our_value_and_again_when_replaced() -> None:
-    table: dict[str, Any] = {}
+class CountingTable(dict[str, Any]):
+    """A dict that counts writes (each write of a Faust table is one changelog record)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.writes += 1
+        super().__setitem__(key, value)
+
+
+def test_state_is_held_until_flush_then_written_once_and_parsed_once() -> None:
+    table = CountingTable()
     parsed: list[Any] = []
+    dumped: list[Any] = []
 
     def parse(value: Any) -> dict[str, int]:
         parsed.append(value)
         return dict(value) if value else {"n": 0}
 
-    states = TableState(table, parse, dump=lambda state: dict(state))
-    state = states.get("site")
-    state["n"] += 1
-    states.put("site", state)
-    assert table["site"] == {"n": 1}
+    def dump(state: dict[str, int]) -> dict[str, int]:
+        dumped.append(state)
+        return dict(state)
+
+    states = TableState(table, parse, dump)
+    for _ in range(3):  # three messages of one batch
+        state = states.get("site")
+        state["n"] += 1
+        states.put("site", state)
+    assert table == {} and dumped == []  # nothing written before the batch ends
+    states.flush()
+    assert table == {"site": {"n": 3}} and table.writes == 1 and len(dumped) == 1
     again = states.get("site")
     assert again is state and len(parsed) == 1  # no parse while the value is ours
+    states.flush()
+    assert table.writes == 1  # nothing held, nothing written
     # A changelog recovery (or another writer) puts a different object: parsed afresh.
     table["site"] = json.loads(json.dumps({"n": 7}))
     assert states.get("site") == {"n": 7} and len(parsed) == 2
@@ -30,7 +53,23 @@ def test_state_is_parsed_once_while_the_table_holds_our_value_and_again_when_rep
     copies: Any = type(
         "Copies", (dict,), {"get": lambda self, k: dict(self[k]) if k in self else None}
     )()
-    states = TableState(copies, parse, dump=lambda state: dict(state))
+    states = TableState(copies, parse, dump)
     states.put("a", {"n": 3})
+    states.flush()
     assert states.get("a") == {"n": 3} and states.get("a") == {"n": 3}
     assert len(parsed) == 4
+
+
+def test_buffered_table_reads_its_held_writes_and_writes_each_key_once_per_flush() -> None:
+    table = CountingTable()
+    table["old"] = 1
+    buffered = BufferedTable(table)
+    buffered["a"] = 1
+    buffered["a"] = 2
+    buffered["old"] = 5
+    assert buffered.get("a") == 2 and buffered.get("old") == 5 and buffered.get("x", 9) == 9
+    assert table == {"old": 1} and table.writes == 1
+    buffered.flush()
+    assert table == {"old": 5, "a": 2} and table.writes == 3
+    buffered.flush()
+    assert table.writes == 3
