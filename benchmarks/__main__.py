@@ -24,8 +24,9 @@ from pathlib import Path
 
 import orjson
 
-from benchmarks.e2e import bench_e2e
+from benchmarks.e2e import bench_e2e, bench_scale_out
 from benchmarks.scram import bench_scram_latency
+from benchmarks.steps import bench_steps
 from ingest.replay import Replay, read_telemetry, site_batches
 from pipeline import codec, kafka, topics
 from pipeline.detector_eval import HarnessConfig, evaluate
@@ -420,7 +421,9 @@ BENCHES: dict[str, Callable[[], dict[str, float]]] = {
     "detectors": bench_detectors,
     "scram": bench_scram_latency,
     "carbon": bench_carbon,
+    "steps": bench_steps,
     "e2e": bench_e2e,
+    "scale-out": bench_scale_out,
 }
 
 # The figures the performance issue names, taken from the benchmarks that measure them.

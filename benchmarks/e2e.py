@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -32,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import polars as pl
 
-from ingest.carbon import CarbonFeed, CarbonFeedConfig
-from ingest.replay import Replay
-from pipeline import kafka, topics
+from ingest.carbon import CarbonFeed, CarbonFeedConfig, parse_carbon
+from ingest.replay import Replay, loop_period_ms, read_prices, read_telemetry, shift_carbon
+from pipeline import codec, kafka, topics
 from pipeline.local import EmbeddedBroker, die_with_parent, stop_process
 from pipeline.settings import Settings, load_settings
 
@@ -44,6 +46,7 @@ SAMPLE = REPO / "data" / "sample"
 ROUNDS = 3
 PARTITIONS = 8
 NAIVE_MESSAGES = 20_000
+SCALE_OUT_COPIES = 3
 
 
 def _overrides(broker: EmbeddedBroker, data_dir: Path) -> dict[str, Any]:
@@ -59,10 +62,22 @@ def _overrides(broker: EmbeddedBroker, data_dir: Path) -> dict[str, Any]:
     }
 
 
-def _environment(overrides: dict[str, Any]) -> dict[str, str]:
+def sample_period_ms() -> int:
+    """How far the replay shifts each round of the sample (its prices' and readings' span)."""
+    ticks, _ = read_prices(SAMPLE / "prices.csv")
+    frame, _ = read_telemetry(SAMPLE / "telemetry.parquet")
+    return loop_period_ms(
+        [int((t.published_at or t.start).timestamp() * 1000) for t in ticks]
+        + frame["_ts"].dt.epoch("ms").unique().to_list()
+    )
+
+
+def _environment(
+    overrides: dict[str, Any], config: Path = SAMPLE / "wattstream.toml"
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WATTSTREAM_")}
     env.update(
-        WATTSTREAM_CONFIG=str(SAMPLE / "wattstream.toml"),
+        WATTSTREAM_CONFIG=str(config),
         WATTSTREAM_APP_ID=overrides["app_id"],
         WATTSTREAM_BROKER=overrides["broker"],
         WATTSTREAM_TOPIC_PREFIX=overrides["topic_prefix"],
@@ -77,17 +92,34 @@ def _environment(overrides: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-async def _load(settings: Settings) -> int:
-    """Everything on Kafka before timing: intensities, then ROUNDS replays of the sample."""
+async def _load(
+    settings: Settings, telemetry: Path = SAMPLE / "telemetry.parquet", rounds: int = ROUNDS
+) -> int:
+    """Everything on Kafka before timing: intensities, then ``rounds`` replays of the sample."""
     await kafka.ensure_topics(settings)
     async with CarbonFeed(settings, CarbonFeedConfig(source=str(SAMPLE / "carbon.csv"))) as feed:
         await feed.poll_once()
+    # The later rounds' intensities, shifted like the replay shifts its rounds.
+    intensities = parse_carbon((SAMPLE / "carbon.csv").read_bytes()).messages
+    period_ms = sample_period_ms()
+    producer = kafka.producer(settings)
+    await producer.start()
+    try:
+        for round_ in range(1, rounds):
+            for intensity in intensities:
+                shifted = shift_carbon(intensity, round_ * period_ms)
+                await producer.send(
+                    settings.topic(topics.CARBON), codec.encode(shifted), key=shifted.zone.encode()
+                )
+        await producer.flush()
+    finally:
+        await producer.stop()
     replay = Replay(
         settings,
-        SAMPLE / "telemetry.parquet",
+        telemetry,
         SAMPLE / "prices.csv",
         loop=True,
-        max_rounds=ROUNDS,
+        max_rounds=rounds,
     )
     stats = await replay.run()
     return stats.readings_sent
@@ -120,7 +152,7 @@ async def _raw_consume(settings: Settings) -> tuple[float, int]:
 
 
 async def _watch_worker(
-    settings: Settings, worker: subprocess.Popen[bytes], timeout_s: float
+    settings: Settings, workers: list[subprocess.Popen[bytes]], timeout_s: float
 ) -> tuple[float, float, float]:
     """(first-commit time, drained time, fraction consumed at first commit)."""
     groups = {
@@ -130,8 +162,9 @@ async def _watch_worker(
     deadline = time.monotonic() + timeout_s
     first: tuple[float, float] | None = None
     while True:
-        if worker.poll() is not None:
-            raise RuntimeError(f"the worker exited with {worker.returncode}")
+        for worker in workers:
+            if worker.poll() is not None:
+                raise RuntimeError(f"a worker exited with {worker.returncode}")
         if time.monotonic() > deadline:
             raise TimeoutError("the worker did not drain the telemetry in time")
         now = time.perf_counter()
@@ -153,26 +186,43 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _e2e(settings: Settings, overrides: dict[str, Any], readings: int) -> dict[str, float]:
+def _e2e(
+    settings: Settings,
+    overrides: dict[str, Any],
+    readings: int,
+    workers: int = 1,
+    config: Path = SAMPLE / "wattstream.toml",
+) -> dict[str, float]:
+    """Run ``workers`` workers of one app (one consumer group) until they have read it all."""
     work_dir = Path(overrides["data_dir"]).parent
-    # The worker's log goes to a file: a pipe nobody reads blocks it once full.
-    with (work_dir / "worker.log").open("wb") as log_file:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker"],
-            env=_environment(overrides),
-            cwd=work_dir,
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,
-            preexec_fn=die_with_parent,
-        )
-        try:
-            first_s, done_s, consumed = asyncio.run(_watch_worker(settings, worker, timeout_s=900))
-            rss_mb = _peak_rss_mb(worker.pid)
-        finally:
+    processes: list[subprocess.Popen[bytes]] = []
+    logs = [work_dir / f"worker-{n}.log" for n in range(workers)]
+    try:
+        for n, log in enumerate(logs):
+            env = _environment(overrides, config)
+            # Each worker its own line-protocol file (their sinks share one consumer group).
+            env["WATTSTREAM_INFLUX_FILE"] = f"{overrides['influx']['file']}.{n}"
+            env["WATTSTREAM_DATA_DIR"] = f"{overrides['data_dir']}-{n}"
+            # The worker's log goes to a file: a pipe nobody reads blocks it once full.
+            with log.open("wb") as log_file:
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "pipeline.cli", "worker"],
+                        env=env,
+                        cwd=work_dir,
+                        stdout=subprocess.DEVNULL,
+                        stderr=log_file,
+                        preexec_fn=die_with_parent,
+                    )
+                )
+        first_s, done_s, consumed = asyncio.run(_watch_worker(settings, processes, timeout_s=900))
+        rss_mb = max(_peak_rss_mb(worker.pid) for worker in processes)
+    finally:
+        for worker in processes:
             stop_process(worker, timeout_s=60)
-    if worker.returncode not in (0, -15):
-        log_tail = (work_dir / "worker.log").read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"worker failed: {log_tail}")
+    for worker, log in zip(processes, logs, strict=True):
+        if worker.returncode not in (0, -15):
+            raise RuntimeError(f"worker failed: {log.read_text(errors='replace')[-2000:]}")
     return {
         "e2e_readings_per_s": readings * (1 - consumed) / (done_s - first_s),
         "worker_rss_mb": rss_mb,
@@ -249,6 +299,52 @@ def bench_e2e() -> dict[str, float]:
         / (raw_msgs_per_s * readings / messages),
         "e2e_vs_faust_per_event": out["e2e_readings_per_s"] / naive,
     }
+
+
+def _copied_sites(config: str, copies: int) -> str:
+    """The sample's settings with every site (its ``[[sites]]`` block) ``copies`` times,
+    as ``<id>-0`` ... ``<id>-<copies - 1>``."""
+    head, *blocks = config.split("[[sites]]\n")
+    copied = []
+    for block in blocks:
+        site = re.search(r'^id = "([^"]+)"$', block, re.MULTILINE)
+        assert site is not None, "a [[sites]] block without an id"
+        for n in range(copies):
+            copied.append(block.replace(site.group(0), f'id = "{site.group(1)}-{n}"', 1))
+    return head + "".join(f"[[sites]]\n{block}" for block in copied)
+
+
+def _copied_telemetry(source: Path, target: Path, copies: int) -> None:
+    frame = pl.read_parquet(source)
+    pl.concat([frame.with_columns(pl.col("site") + f"-{n}") for n in range(copies)]).write_parquet(
+        target
+    )
+
+
+def bench_scale_out() -> dict[str, float]:
+    """One worker against two (one consumer group) on topics of ``PARTITIONS`` partitions.
+
+    The sample's three sites are copied ``SCALE_OUT_COPIES`` times (so that the keys
+    spread over the partitions); each run has a topic prefix and an app id of its own.
+    """
+    results: dict[str, float] = {}
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "wattstream.toml"
+        config.write_text(_copied_sites((SAMPLE / "wattstream.toml").read_text(), SCALE_OUT_COPIES))
+        telemetry = Path(tmp) / "telemetry.parquet"
+        _copied_telemetry(SAMPLE / "telemetry.parquet", telemetry, SCALE_OUT_COPIES)
+        for workers in (1, 2):
+            run_dir = Path(tmp) / f"workers-{workers}"
+            run_dir.mkdir()
+            overrides = _overrides(broker, run_dir)
+            settings = load_settings(config, **overrides)
+            readings = asyncio.run(_load(settings, telemetry, rounds=1))
+            out = _e2e(settings, overrides, readings, workers=workers, config=config)
+            results[f"scale_out_{workers}_worker_readings_per_s"] = out["e2e_readings_per_s"]
+    results["scale_out_2_vs_1_worker"] = (
+        results["scale_out_2_worker_readings_per_s"] / results["scale_out_1_worker_readings_per_s"]
+    )
+    return results
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks.e2e import sample_period_ms
 from ingest.carbon import parse_carbon
 from ingest.replay import (
-    loop_period_ms,
     read_prices,
     read_telemetry,
     shift_carbon,
@@ -48,7 +48,7 @@ def _timeline(settings: Settings) -> Iterator[tuple[int, int, Any]]:
     ticks, _ = read_prices(SAMPLE / "prices.csv")
     parsed = parse_carbon((SAMPLE / "carbon.csv").read_bytes())
     intensities = list(parsed.messages)
-    period_ms = loop_period_ms(frame["_ts"].dt.epoch("ms").to_list())
+    period_ms = sample_period_ms()
     streams_: list[Iterator[tuple[int, int, Any]]] = []
     for round_ in range(ROUNDS):
         shift = round_ * period_ms
