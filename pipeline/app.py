@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import faust
 import mode
 
-from pipeline import kafka, topics
+from pipeline import kafka, streams, topics
 from pipeline.settings import Settings
 from processors import (
     allocation,
@@ -149,6 +149,9 @@ def create_app(settings: Settings, *, with_sinks: bool = False) -> faust.App:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(settings.app_id, **faust_config(settings))
     use_fetch_wait(app, settings)
+    # One agent feeds every per-site processor below; it also dead-letters bad telemetry,
+    # so it runs even when no site has a processor that uses it.
+    streams.shared_site_agent(app, settings)
     prices.register(app, settings)
     arbitrage.register(app, settings)
     # Site agents: only sites with the matching section get work; a bad section

@@ -325,6 +325,12 @@ def _site_registry(app: faust.App, settings: Settings) -> _SiteSteps:
     return registry
 
 
+def shared_site_agent(app: faust.App, settings: Settings) -> None:
+    """Register the shared site agent (once per app), even if no processor adds a step:
+    it is the one that dead-letters telemetry that does not decode."""
+    _site_registry(app, settings)
+
+
 def site_telemetry_agent(
     app: faust.App,
     settings: Settings,
