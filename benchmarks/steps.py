@@ -87,21 +87,14 @@ def bench_steps() -> dict[str, float]:
 
         return run
 
-    steps = [
-        (
-            s.name.rsplit(".", 1)[-1],
-            s.sites,
-            timed(s.name.rsplit(".", 1)[-1], s.telemetry),
-            timed(s.name.rsplit(".", 1)[-1], s.prices),
-            timed(s.name.rsplit(".", 1)[-1], s.carbon),
-        )
-        for s in registry.steps
-    ]
+    def timed_steps(s: Any) -> tuple[Any, ...]:
+        name = s.name.rsplit(".", 1)[-1]
+        return s.sites, timed(name, s.telemetry), timed(name, s.prices), timed(name, s.carbon)
+
+    steps = [timed_steps(s) for s in registry.steps]
     markets = {site.id: site.market for site in settings.sites}
     zones = {
-        site.id: (site.carbon or {}).get("zone")
-        for site in settings.sites
-        if isinstance(site.carbon, dict)
+        site.id: site.carbon.get("zone") for site in settings.sites if isinstance(site.carbon, dict)
     }
     timeline = list(_timeline(settings))
     readings = messages = outputs = 0
@@ -109,13 +102,13 @@ def bench_steps() -> dict[str, float]:
     for _, _, item in timeline:
         if isinstance(item, PriceTick):
             for site in (s for s, market in markets.items() if market == item.market):
-                for _, sites, _, on_price, _ in steps:
+                for sites, _, on_price, _ in steps:
                     if on_price is not None and site in sites:
                         outputs += len(on_price(site, item))
             continue
         if isinstance(item, CarbonIntensity):
             for site in (s for s, zone in zones.items() if zone == item.zone):
-                for _, sites, _, _, on_carbon in steps:
+                for sites, _, _, on_carbon in steps:
                     if on_carbon is not None and site in sites:
                         outputs += len(on_carbon(site, item))
             continue
@@ -125,7 +118,7 @@ def bench_steps() -> dict[str, float]:
         assert batch is not None
         readings += len(batch.readings)
         messages += 1
-        for _, sites, on_telemetry, _, _ in steps:
+        for sites, on_telemetry, _, _ in steps:
             if on_telemetry is not None and batch.site in sites:
                 outputs += len(on_telemetry(batch.site, batch))
         if messages % BATCH_MESSAGES == 0:
