@@ -216,7 +216,7 @@ class GroupLag:
 
 
 @contextlib.asynccontextmanager
-async def _running(probe: AIOKafkaConsumer) -> AsyncIterator[AIOKafkaConsumer]:
+async def running(probe: AIOKafkaConsumer) -> AsyncIterator[AIOKafkaConsumer]:
     """A started short-lived consumer, stopped on exit.
 
     The yield after start() lets aiokafka's background task begin: stopped before
@@ -232,7 +232,7 @@ async def _running(probe: AIOKafkaConsumer) -> AsyncIterator[AIOKafkaConsumer]:
 
 async def end_offsets(settings: Settings, topic_names: Iterable[str]) -> dict[TopicPartition, int]:
     """End offsets of every partition of the topics; a topic that does not exist has none."""
-    async with _running(consumer(settings, group_id=None)) as probe:
+    async with running(consumer(settings, group_id=None)) as probe:
         partitions = [
             TopicPartition(name, p)
             for name in topic_names
@@ -255,7 +255,7 @@ async def group_lag(settings: Settings, group: str, topic_names: Iterable[str]) 
     """
     ends = await end_offsets(settings, list(topic_names))
     committed = {}
-    async with _running(consumer(settings, group_id=group)) as reader:
+    async with running(consumer(settings, group_id=group)) as reader:
         for tp in ends:
             offset = await reader.committed(tp)
             if offset is not None and offset >= 0:
@@ -277,7 +277,7 @@ async def read_all(
     records: list[tuple[bytes | None, bytes]] = []
     if not remaining:
         return records
-    async with _running(consumer(settings, group_id=None)) as reader:
+    async with running(consumer(settings, group_id=None)) as reader:
         reader.assign(list(ends))
         await reader.seek_to_beginning(*ends)
         deadline = asyncio.get_running_loop().time() + timeout_s
