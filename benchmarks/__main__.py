@@ -25,6 +25,8 @@ from pathlib import Path
 import orjson
 
 from benchmarks.e2e import bench_e2e, bench_scale_out
+from benchmarks.memory import bench_memory
+from benchmarks.peer import bench_peer
 from benchmarks.scram import bench_scram_latency
 from benchmarks.steps import bench_steps
 from ingest.replay import Replay, read_telemetry, site_batches
@@ -424,6 +426,8 @@ BENCHES: dict[str, Callable[[], dict[str, float]]] = {
     "steps": bench_steps,
     "e2e": bench_e2e,
     "scale-out": bench_scale_out,
+    "peer": bench_peer,
+    "memory": bench_memory,
 }
 
 # The figures the performance issue names, taken from the benchmarks that measure them.
