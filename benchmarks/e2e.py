@@ -31,7 +31,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import polars as pl
@@ -153,10 +153,21 @@ async def _raw_consume(settings: Settings) -> tuple[float, int]:
     return total / elapsed, total
 
 
+class Drained(NamedTuple):
+    first_s: float
+    """When the agents' group first committed telemetry (perf_counter)."""
+    telemetry_s: float
+    """When it had committed all the telemetry."""
+    done_s: float
+    """When it had committed every input, and the sink all the telemetry."""
+    consumed_at_first: float
+    """The fraction of the telemetry already consumed at ``first_s``."""
+
+
 async def _watch_worker(
     settings: Settings, workers: list[subprocess.Popen[bytes]], timeout_s: float
-) -> tuple[float, float, float]:
-    """(first-commit time, drained time, fraction of the telemetry consumed at first commit).
+) -> Drained:
+    """Follow the workers' consumer groups until they have read everything.
 
     Drained means the agents' group has committed everything on every topic they read
     (the prices and intensities, and the fan-outs' ``site-prices`` and ``site-carbon``
@@ -170,6 +181,7 @@ async def _watch_worker(
     }
     deadline = time.monotonic() + timeout_s
     first: tuple[float, float] | None = None
+    telemetry_s: float | None = None
     while True:
         for worker in workers:
             if worker.poll() is not None:
@@ -184,8 +196,10 @@ async def _watch_worker(
         consumed = sum(min(agents.committed.get(tp, 0), end) for tp, end in ends.items())
         if first is None and consumed > 0:
             first = (now, consumed / total)
-        if first is not None and all(lag.total == 0 for lag in lags):
-            return first[0], now, first[1]
+        if telemetry_s is None and consumed == total:
+            telemetry_s = now
+        if first is not None and telemetry_s is not None and all(lag.total == 0 for lag in lags):
+            return Drained(first[0], telemetry_s, now, first[1])
         await asyncio.sleep(0.2)
 
 
@@ -225,7 +239,7 @@ def _e2e(
                         preexec_fn=die_with_parent,
                     )
                 )
-        first_s, done_s, consumed = asyncio.run(_watch_worker(settings, processes, timeout_s=900))
+        drained = asyncio.run(_watch_worker(settings, processes, timeout_s=900))
         rss_mb = max(_peak_rss_mb(worker.pid) for worker in processes)
     finally:
         for worker in processes:
@@ -234,8 +248,11 @@ def _e2e(
         if worker.returncode not in (0, -15):
             raise RuntimeError(f"worker failed: {log.read_text(errors='replace')[-2000:]}")
     return {
-        "e2e_readings_per_s": readings * (1 - consumed) / (done_s - first_s),
+        "e2e_readings_per_s": readings
+        * (1 - drained.consumed_at_first)
+        / (drained.done_s - drained.first_s),
         "worker_rss_mb": rss_mb,
+        "tail_s": drained.done_s - drained.telemetry_s,
     }
 
 
@@ -303,6 +320,8 @@ def bench_e2e() -> dict[str, float]:
         "e2e_readings_per_s": out["e2e_readings_per_s"],
         # The sample's few devices; ``worker_rss_mb`` (100,000 devices) is benchmarks.memory's.
         "e2e_worker_rss_mb": out["worker_rss_mb"],
+        # From all the telemetry read to every price and intensity decided on.
+        "e2e_tail_after_telemetry_s": out["tail_s"],
         "raw_consume_msgs_per_s": raw_msgs_per_s,
         "raw_consume_readings_per_s": raw_msgs_per_s * readings / messages,
         "faust_per_event_msgs_per_s": naive,
@@ -353,6 +372,7 @@ def bench_scale_out() -> dict[str, float]:
             readings = asyncio.run(_load(settings, telemetry, rounds=1))
             out = _e2e(settings, overrides, readings, workers=workers, config=config)
             results[f"scale_out_{workers}_worker_readings_per_s"] = out["e2e_readings_per_s"]
+            results[f"scale_out_{workers}_worker_tail_after_telemetry_s"] = out["tail_s"]
     results["scale_out_2_vs_1_worker"] = (
         results["scale_out_2_worker_readings_per_s"] / results["scale_out_1_worker_readings_per_s"]
     )
