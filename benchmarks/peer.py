@@ -68,7 +68,9 @@ def arbitrage_only_config(settings: Settings) -> str:
 class PeerArbitrage:
     """One message of the peer: the site's state in, its state and outputs out.
 
-    Kept apart from quixstreams so that a test can check it against the worker's step.
+    What the worker's arbitrage step does (``processors.arbitrage.register``), written
+    for a framework that hands over one message and its key's state at a time. A batch
+    that does not decode is skipped: the peer has no dead-letter topic.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -165,7 +167,7 @@ async def peer_drained(
         now = time.perf_counter()
         lag = await kafka.group_lag(settings, group, [telemetry, prices])
         ends = {tp: end for tp, end in lag.end.items() if tp.topic == telemetry}
-        consumed = sum(lag.committed.get(tp, 0) for tp in ends)
+        consumed = sum(min(lag.committed.get(tp, 0), end) for tp, end in ends.items())
         if first is None and consumed > 0:
             first = (now, consumed / sum(ends.values()))
         if first is not None and lag.total == 0:
