@@ -9,8 +9,11 @@ zone's generation mix, all on Kafka before anything is timed; then:
 * ``e2e_readings_per_s``: ``wattstream worker`` in its own process, on the sample's
   settings (every agent the sample configures, and the InfluxDB sink to a line-protocol
   file), from its first commit to both its agents' and its sink's groups having read
-  everything. The readings before the first commit are left out, so the consumer
+  everything (the agents' every input: prices, intensities and the worker's own
+  fan-outs too). The readings before the first commit are left out, so the consumer
   group's join (seconds on this broker) is not counted as processing time;
+* ``e2e_tail_after_telemetry_s``: how long, after all the telemetry was read, the
+  agents still worked on prices and intensities (and the readings that waited for them);
 * ``faust_per_event_msgs_per_s``: a Faust agent that iterates one event at a time over
   messages of one reading each (what a design without batches gets), on the same broker;
 * ``e2e_worker_rss_mb``: the worker's peak resident memory in that run (the sample's few
