@@ -87,7 +87,7 @@ def _environment(
         WATTSTREAM_BROKER=overrides["broker"],
         WATTSTREAM_TOPIC_PREFIX=overrides["topic_prefix"],
         WATTSTREAM_PARTITIONS=str(PARTITIONS),
-        WATTSTREAM_STORE="memory",
+        WATTSTREAM_STORE=overrides["store"],
         WATTSTREAM_DATA_DIR=overrides["data_dir"],
         WATTSTREAM_INFLUX_FILE=overrides["influx"]["file"],
         WATTSTREAM_KAFKA_ONE_RECORD_PER_BATCH="true",
