@@ -313,6 +313,26 @@ class _SiteSteps:
     steps: list[_Steps] = field(default_factory=list)
     tables: list[Flushable] = field(default_factory=list)
 
+    def handlers(self, site: str, kind: type[SiteInput]) -> list[Callable[..., Any]]:
+        """The steps of ``site`` that take inputs of ``kind``, in registration order."""
+        handler_of = _HANDLER_OF[kind]
+        return [h for s in self.steps if site in s.sites and (h := handler_of(s)) is not None]
+
+    def run(self, site: str, item: SiteInput) -> list[SiteOutput]:
+        """Give ``item`` to every step of ``site`` that takes it; what they return, in order."""
+        out: list[SiteOutput] = []
+        for handler in self.handlers(site, type(item)):
+            out.extend(handler(site, item))
+        return out
+
+
+SiteInput = TelemetryBatch | PriceTick | CarbonIntensity
+_HANDLER_OF: dict[type[SiteInput], Callable[[_Steps], Callable[..., Any] | None]] = {
+    TelemetryBatch: lambda steps: steps.telemetry,
+    PriceTick: lambda steps: steps.prices,
+    CarbonIntensity: lambda steps: steps.carbon,
+}
+
 
 _SITE_STEPS: weakref.WeakKeyDictionary[faust.App, _SiteSteps] = weakref.WeakKeyDictionary()
 
@@ -378,22 +398,17 @@ def _register_site_agent(app: faust.App, settings: Settings, registry: _SiteStep
     dlq = DeadLetters(app, settings, component=f"{__name__}.site_agents")
 
     # Intensities and prices come from our own fan-outs (validated there), by topic.
-    internal: dict[str, tuple[type[BaseModel], Callable[[_Steps], Any]]] = {
-        carbon_topic: (CarbonIntensity, lambda steps: steps.carbon),
-        prices_topic: (PriceTick, lambda steps: steps.prices),
+    internal: dict[str, type[CarbonIntensity | PriceTick]] = {
+        carbon_topic: CarbonIntensity,
+        prices_topic: PriceTick,
     }
 
     def run_internal(message: Any, site: str) -> list[SiteOutput]:
-        model, handler_of = internal[message.topic]
-        handlers = [
-            h for s in registry.steps if site in s.sites and (h := handler_of(s)) is not None
-        ]
-        value = _decode_internal(model, message) if handlers else None
-        out: list[SiteOutput] = []
-        if value is not None:
-            for handler in handlers:
-                out.extend(handler(site, value))
-        return out
+        model = internal[message.topic]
+        if not registry.handlers(site, model):
+            return []  # not decoded: no step of this site takes it
+        value = _decode_internal(model, message)
+        return [] if value is None else registry.run(site, value)
 
     async def run_telemetry(event: Any, site: str) -> list[SiteOutput]:
         batch = await decode_telemetry_event(event, dlq)
@@ -404,11 +419,7 @@ def _register_site_agent(app: faust.App, settings: Settings, registry: _SiteStep
                 event, f"batch site {batch.site!r} != Kafka key {site!r}", "KeyMismatch"
             )
             return []
-        out: list[SiteOutput] = []
-        for steps in registry.steps:
-            if steps.telemetry is not None and site in steps.sites:
-                out.extend(steps.telemetry(site, batch))
-        return out
+        return registry.run(site, batch)
 
     async def site_agents(stream: Any) -> None:
         async for events in stream.take_events(BATCH_MAX_MESSAGES, within=BATCH_WITHIN_S):
