@@ -57,10 +57,9 @@ def _timeline(settings: Settings) -> Iterator[tuple[int, int, Any]]:
         streams_.append(
             (int((t.published_at or t.start).timestamp() * 1000), 0, t) for t in shifted
         )
-        streams_.append(
-            (int(c.start.timestamp() * 1000) + shift, 0, shift_carbon(c, shift))
-            for c in intensities
-        )
+        # Shifted now: a generator would read ``shift`` when consumed, the last round's.
+        shifted_intensities = [shift_carbon(c, shift) for c in intensities]
+        streams_.append((int(c.start.timestamp() * 1000), 0, c) for c in shifted_intensities)
         for batches in site_batches(frame, "bench", settings.replay, round_=round_, shift_ms=shift):
             streams_.append((b.event_time_ms, 1, b) for b, _ in batches if b is not None)
     return heapq.merge(*streams_, key=lambda event: (event[0], event[1]))

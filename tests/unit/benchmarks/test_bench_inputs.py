@@ -44,6 +44,10 @@ def test_steps_timeline_is_in_event_time_order_with_prices_intensities_and_batch
     assert {PriceTick.__name__, CarbonIntensity.__name__, "OutgoingBatch"} <= kinds
     prices = [item for _, _, item in events if isinstance(item, PriceTick)]
     assert len(prices) == 3 * 168  # three rounds of the sample's week of hourly prices
+    # Each round's intensities cover its own week, once: every hour of the three weeks.
+    intensity_starts = [item.start for _, _, item in events if isinstance(item, CarbonIntensity)]
+    assert len(set(intensity_starts)) == len(intensity_starts) == 3 * 168
+    assert {s.start for s in prices} == set(intensity_starts)
 
 
 def test_memory_bench_devices_are_valid_settings_and_telemetry(tmp_path: Path) -> None:
