@@ -175,15 +175,17 @@ class BufferedTable:
 
 
 class TableState(Generic[S]):
-    """A table of per-key state objects, stored as JSON, parsed only when they changed.
+    """A table of per-key state objects, stored as JSON, parsed once per ownership.
 
     :meth:`put` holds the state object; :meth:`flush` (once per batch of messages, see
     :class:`BufferedTable`) dumps each held state and writes it, so a state changed by
-    many messages of a batch is serialised once. Parsing the stored JSON back is
-    skipped while the table holds the very value this worker wrote: a memory store
-    gives back the object it was given, so identity proves nothing replaced it (a
-    changelog recovery after a rebalance, a restart). A RocksDB store returns a fresh
-    object on every read, and then the value is parsed as before.
+    many messages of a batch is serialised once. A key's stored value is parsed on its
+    first read and the object is kept: while this worker owns the key's partition, only
+    its own writes change the value, so the kept object is the value. A rebalance can
+    change that (the partition moves, a changelog recovery rewrites the store), so
+    :meth:`forget` drops every kept object when partitions are revoked and when the
+    table has been recovered (see :func:`site_state`). Either store works the same: a
+    RocksDB store, which returns a fresh copy on every read, is not parsed per message.
     """
 
     def __init__(
@@ -195,19 +197,16 @@ class TableState(Generic[S]):
         self.table = table
         self.parse = parse
         self.dump = dump
-        self._parsed: dict[str, tuple[Any, S]] = {}
+        self._parsed: dict[str, S] = {}
         self._held: dict[str, tuple[Any, S]] = {}
 
     def get(self, key: str) -> S:
         held = self._held.get(key)
         if held is not None:
             return held[1]
-        stored = self.table.get(key)
-        cached = self._parsed.get(key)
-        if cached is not None and stored is not None and cached[0] is stored:
-            return cached[1]
-        state = self.parse(stored)
-        self._parsed[key] = (stored, state)
+        if key in self._parsed:
+            return self._parsed[key]
+        state = self._parsed[key] = self.parse(self.table.get(key))
         return state
 
     def put(self, key: str, state: S) -> None:
@@ -218,8 +217,12 @@ class TableState(Generic[S]):
             value = self.dump(state)
             with acting_for(event):
                 self.table[key] = value
-            self._parsed[key] = (value, state)
+            self._parsed[key] = state
         self._held.clear()
+
+    def forget(self) -> None:
+        """Drop the parsed objects: the next read of each key parses what the table holds."""
+        self._parsed.clear()
 
 
 def site_table(app: faust.App, settings: Settings, name: str, help: str) -> BufferedTable:
@@ -238,8 +241,16 @@ def site_state(
     dump: Callable[[S], Any],
 ) -> TableState[S]:
     """Per-site state objects in the table ``{app_id}-{name}``, see :class:`TableState`."""
-    states = TableState(_site_faust_table(app, settings, name, help), parse, dump)
-    _site_registry(app, settings).tables.append(states)
+    table = _site_faust_table(app, settings, name, help)
+    states = TableState(table, parse, dump)
+
+    async def forget_recovered() -> None:
+        states.forget()
+
+    table.on_recover(forget_recovered)
+    registry = _site_registry(app, settings)
+    registry.tables.append(states)
+    registry.states.append(states)
     return states
 
 
@@ -312,6 +323,7 @@ class _SiteSteps:
 
     steps: list[_Steps] = field(default_factory=list)
     tables: list[Flushable] = field(default_factory=list)
+    states: list[TableState[Any]] = field(default_factory=list)
 
     def handlers(self, site: str, kind: type[SiteInput]) -> list[Callable[..., Any]]:
         """The steps of ``site`` that take inputs of ``kind``, in registration order."""
@@ -342,6 +354,13 @@ def _site_registry(app: faust.App, settings: Settings) -> _SiteSteps:
     if registry is None:
         registry = _SITE_STEPS[app] = _SiteSteps()
         _register_site_agent(app, settings, registry)
+
+        def forget_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+            # At the start of a rebalance: what this worker parsed may be another's next.
+            for states in registry.states:
+                states.forget()
+
+        app.on_partitions_revoked.connect(forget_revoked)
     return registry
 
 
