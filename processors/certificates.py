@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import bisect
 import calendar
+import heapq
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -189,8 +190,39 @@ class CertificateLedger:
     meters: dict[str, DeviceMeter] = field(default_factory=dict)
     claims_kwh: dict[datetime, dict[str, float]] = field(default_factory=dict)
     """Hour start -> claimant -> consumption already seen. [kWh]"""
+    claims_pruned_through: datetime | None = None
+    """The latest hour whose consumption memory :func:`expire` forgot: its certificates
+    are past validity, so a later claim for it or an earlier hour (a replay) burns nothing."""
     _events: dict[str, CertificateEvent] = field(default_factory=dict)
     _certificates: dict[str, _Certificate] = field(default_factory=dict)
+    # Indexes of the above, so that settling an hour touches that hour's certificates and
+    # the ones due to expire, not the whole ledger (a year of hourly certificates).
+    _minted_by_hour: dict[datetime, list[str]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    """Hour start -> ids of the certificates minted in it."""
+    _expiry_queue: list[tuple[datetime, str]] = field(
+        default_factory=list, compare=False, repr=False
+    )
+    """Heap of (hour start, id) of minted certificates not yet looked at by :func:`expire`."""
+    _claim_hours: list[datetime] = field(default_factory=list, compare=False, repr=False)
+    """Heap of the hours of ``claims_kwh``, oldest first."""
+
+    def __post_init__(self) -> None:
+        self._claim_hours = list(self.claims_kwh)
+        heapq.heapify(self._claim_hours)
+
+    def _minted(self, hour: datetime) -> Iterable[tuple[CertificateEvent, _Certificate]]:
+        """The certificates minted in ``hour``, with their MINT."""
+        for certificate_id in self._minted_by_hour.get(hour, ()):
+            certificate = self._certificates[certificate_id]
+            # A second MINT of another hour (a foreign writer) may have replaced it.
+            if certificate.mint is not None and certificate.mint.hour_start == hour:
+                yield certificate.mint, certificate
+
+    def _note_claim(self, hour: datetime) -> None:
+        if hour not in self.claims_kwh:
+            heapq.heappush(self._claim_hours, hour)
 
     @property
     def events(self) -> list[CertificateEvent]:
@@ -219,6 +251,11 @@ class CertificateLedger:
                 for device, m in self.meters.items()
             },
             "claims_kwh": {hour.isoformat(): dict(c) for hour, c in self.claims_kwh.items()},
+            "claims_pruned_through": (
+                None
+                if self.claims_pruned_through is None
+                else self.claims_pruned_through.isoformat()
+            ),
             "events": [event.model_dump(mode="json") for event in self.events],
         }
 
@@ -239,6 +276,11 @@ class CertificateLedger:
                 datetime.fromisoformat(hour): {k: float(v) for k, v in c.items()}
                 for hour, c in data["claims_kwh"].items()
             },
+            claims_pruned_through=(
+                None
+                if (pruned := data.get("claims_pruned_through")) is None
+                else datetime.fromisoformat(pruned)
+            ),
         )
         for raw in data["events"]:
             apply(ledger, CertificateEvent.model_validate(raw))
@@ -307,6 +349,8 @@ def apply(ledger: CertificateLedger, event: CertificateEvent) -> bool:
         # second MINT id can only come from a foreign writer; keep the smallest id.
         if certificate.mint is None or event.event_id < certificate.mint.event_id:
             certificate.mint = event
+            ledger._minted_by_hour.setdefault(event.hour_start, []).append(event.certificate_id)
+            heapq.heappush(ledger._expiry_queue, (event.hour_start, event.certificate_id))
     elif event.action is CertificateAction.BURN:
         certificate.burns[event.event_id] = event
     else:
@@ -372,16 +416,17 @@ def claim(
     if not claimed_by:
         raise ValueError("claimed_by must name the claimant")
     hour = _hour(hour_start)
+    pruned = ledger.claims_pruned_through
+    if pruned is not None and hour <= pruned:
+        return []  # past validity, and its consumption memory is gone: never claim it again
     seen_kwh = ledger.claims_kwh.get(hour, {}).get(claimed_by, 0.0)
     if consumption_kwh <= seen_kwh + ENERGY_TOL_KWH:
         return []  # a replay, or no consumption beyond what was already matched
+    ledger._note_claim(hour)
     ledger.claims_kwh.setdefault(hour, {})[claimed_by] = consumption_kwh
     active: list[CertificateEvent] = []  # their MINT events
     matched_mwh = 0.0
-    for certificate in ledger._certificates.values():
-        minted = certificate.mint
-        if minted is None or minted.hour_start != hour:
-            continue
+    for minted, certificate in ledger._minted(hour):
         burn = certificate.burn
         if burn is not None and burn.claimed_by == claimed_by:
             matched_mwh += minted.energy_mwh
@@ -420,15 +465,22 @@ def expire(
     """
     if now.tzinfo is None:
         raise ValueError(f"naive datetime {now!r}: pass a timezone-aware UTC time")
-    events = []
-    for certificate_id in sorted(ledger._certificates):
+    # Expiry grows with the production hour, so the due certificates are the queue's head.
+    # One looked at here is never active again once due: it is expired now, or was burned.
+    queue = ledger._expiry_queue
+    due: dict[str, CertificateEvent] = {}
+    while queue and expires_at(queue[0][0], settings.validity_months) <= now:
+        hour_start, certificate_id = heapq.heappop(queue)
         certificate = ledger._certificates[certificate_id]
         minted = certificate.mint
-        if minted is None or certificate.status is not CertificateStatus.ACTIVE:
-            continue
+        if minted is None or minted.hour_start != hour_start:
+            continue  # replaced by a MINT of another hour, which has its own entry
+        if certificate.status is CertificateStatus.ACTIVE:
+            due[certificate_id] = minted
+    events = []
+    for certificate_id in sorted(due):
+        minted = due[certificate_id]
         end = expires_at(minted.hour_start, settings.validity_months)
-        if now < end:
-            continue
         event = CertificateEvent(
             event_id=stable_id("goo-expire", certificate_id),
             certificate_id=certificate_id,
@@ -441,8 +493,12 @@ def expire(
         )
         apply(ledger, event)
         events.append(event)
-    for hour in [h for h in ledger.claims_kwh if expires_at(h, settings.validity_months) <= now]:
-        del ledger.claims_kwh[hour]
+    hours = ledger._claim_hours
+    while hours and expires_at(hours[0], settings.validity_months) <= now:
+        hour = heapq.heappop(hours)
+        ledger.claims_kwh.pop(hour, None)
+        pruned = ledger.claims_pruned_through
+        ledger.claims_pruned_through = hour if pruned is None else max(pruned, hour)
     return events
 
 
@@ -475,9 +531,9 @@ def claimed_kwh(ledger: CertificateLedger, hour_start: datetime, claimed_by: str
     """Energy of the certificates ``claimed_by`` burned for the hour (valid burns only). [kWh]"""
     hour = _hour(hour_start)
     total_mwh = 0.0
-    for minted, certificate in _counted(ledger):
+    for minted, certificate in ledger._minted(hour):
         burn = certificate.burn
-        if minted.hour_start == hour and burn is not None and burn.claimed_by == claimed_by:
+        if burn is not None and burn.claimed_by == claimed_by:
             total_mwh += minted.energy_mwh
     return total_mwh * 1000.0
 

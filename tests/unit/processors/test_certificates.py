@@ -280,6 +280,19 @@ def test_expire_forgets_old_claims() -> None:
     assert book.claims_kwh == {}
 
 
+def test_a_forgotten_hour_is_never_claimed_again() -> None:
+    # Found by the replay property: the hour's memory was pruned, then a late MINT for it
+    # arrived; replaying the hour's claim must not burn that (past validity) certificate.
+    book = ledger()
+    claim(book, hour(0), 1000.0, "tenant-a")
+    expire(book, add_months(hour(1), 12), CFG)
+    mint(book, "pv1", hour(0), 1000.0)
+    assert claim(book, hour(0), 1000.0, "tenant-a") == []
+    restored = CertificateLedger.from_json(json.loads(json.dumps(book.to_json())))
+    assert restored.claims_pruned_through == hour(0)
+    assert claim(restored, hour(0), 1000.0, "tenant-a") == []
+
+
 # --- apply and queries --------------------------------------------------------------
 
 
@@ -454,6 +467,27 @@ def test_replaying_telemetry_emits_nothing_new(ops: Any, data: st.DataObject) ->
     # The consumption memory of hours past validity may be re-recorded (expire prunes it
     # again); it can match nothing, as every certificate of such an hour is spent.
     assert (after["events"], after["meters"]) == (before["events"], before["meters"])
+
+
+@PROPERTY
+@given(operations, operations, st.integers(0, 60))
+def test_expire_leaves_nothing_due_active_also_after_a_json_round_trip(
+    first: Any, then: Any, day: int
+) -> None:
+    # expire() looks only at the head of its queues (oldest first): what it leaves must
+    # equal a scan of the whole ledger, and a ledger restored from JSON rebuilds them.
+    book = ledger()
+    run(book, first)
+    restored = CertificateLedger.from_json(book.to_json())
+    assert run(restored, then) == run(book, then)
+    now = T0 + timedelta(days=day)
+    assert expire(restored, now, SHORT) == expire(book, now, SHORT)
+    minted = {e.certificate_id: e for e in book.events if e.action is CertificateAction.MINT}
+    for certificate_id, (status, _) in book.statuses().items():
+        if status is CertificateStatus.ACTIVE:
+            assert expires_at(minted[certificate_id].hour_start, 1) > now
+    assert all(expires_at(h, 1) > now for h in book.claims_kwh)
+    assert book.to_json() == restored.to_json()
 
 
 @PROPERTY
