@@ -89,6 +89,7 @@ Everything here is plain Python (no Faust import); the state is JSON.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -427,6 +428,31 @@ def _utc(iso: str) -> datetime:
     return datetime.fromisoformat(iso).astimezone(UTC)
 
 
+_US_PER_S = 1_000_000
+_US_PER_HOUR = 3600 * _US_PER_S
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ROLE_OF_KIND: dict[str, Role] = {"meter": "meter", "solar": "solar", "battery": "battery"}
+
+
+def _us(ts: datetime) -> int:
+    """Microseconds since the epoch, exactly (a float of seconds would round them)."""
+    return (ts - _EPOCH) // timedelta(microseconds=1)
+
+
+def _device_set(devices: list[str] | None) -> frozenset[str] | None:
+    return None if devices is None else frozenset(devices)
+
+
+def _from_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+@functools.lru_cache(maxsize=4096)
+def _hour_key(hour_us: int) -> str:
+    """The state's key of an hour: its start as ISO 8601 UTC."""
+    return _from_us(hour_us).isoformat()
+
+
 @dataclass
 class _Device:
     role: Role
@@ -508,6 +534,12 @@ class CarbonEngine:
         self.site = site
         self.cfg = cfg
         self.state = state if state is not None else CarbonState()
+        self._configured: dict[Role, frozenset[str] | None] = {
+            "meter": _device_set(cfg.meter_devices),
+            "solar": _device_set(cfg.solar_devices),
+            "battery": _device_set(cfg.battery_devices),
+        }
+        self._hold_us = round(cfg.max_hold_s * _US_PER_S)
         self.certify = certify
         """Called once per hour before it is accounted: the kWh of the hour's grid energy
         that the site's certificates cover (see :func:`processors.certificates.settle_hour`)."""
@@ -515,42 +547,50 @@ class CarbonEngine:
     # inputs
 
     def _role(self, reading: Reading) -> Role | None:
-        cfg = self.cfg
-        configured: list[tuple[Role, list[str] | None, type]] = [
-            ("meter", cfg.meter_devices, MeterReading),
-            ("solar", cfg.solar_devices, SolarReading),
-            ("battery", cfg.battery_devices, BatteryReading),
-        ]
-        for role, devices, kind in configured:
-            if isinstance(reading, kind) and (devices is None or reading.device in devices):
-                return role
-        return None
+        role = _ROLE_OF_KIND.get(reading.kind)
+        if role is None:
+            return None
+        devices = self._configured[role]
+        return role if devices is None or reading.device in devices else None
 
     def add_readings(self, readings: Iterable[Reading]) -> list[EmissionsRecord]:
-        """Integrate readings (any kinds; others are skipped); return the hours now ready."""
+        """Integrate readings (any kinds; others are skipped); return the hours now ready.
+
+        This is the engine's hot path (every meter, solar and battery reading), so it
+        groups the batch by device (each device's holds depend on its own readings only)
+        and integrates in integer microseconds of event time, not datetimes.
+        """
         state = self.state
-        # Parsed once per batch, not per reading: this loop is the engine's hot path.
-        emitted_until = None if state.emitted_until is None else _utc(state.emitted_until)
-        clock = None if state.clock is None else _utc(state.clock)
-        for reading in sorted(readings, key=lambda r: r.ts):
-            role = self._role(reading)
-            if role is None:
-                continue
-            ts = reading.ts.astimezone(UTC)
-            late = emitted_until is not None and ts < emitted_until
-            device = state.devices.get(reading.device)
-            if late or (device is not None and ts <= device.ts):
-                state.ignored_readings += 1
-                continue
-            if device is not None and device.open:
-                self._integrate(reading.device, device, ts)
-            assert isinstance(reading, MeterReading | SolarReading | BatteryReading)
-            power_kw = float(reading.power_kw)
-            state.devices[reading.device] = _Device(role, ts, power_kw)
-            if clock is None or ts > clock:
-                clock = ts
-        if clock is not None:
-            state.clock = clock.isoformat()
+        emitted_until_us = None if state.emitted_until is None else _us(_utc(state.emitted_until))
+        clock_us = None if state.clock is None else _us(_utc(state.clock))
+        by_device: dict[str, list[Reading]] = {}
+        for reading in readings:
+            if self._role(reading) is not None:
+                by_device.setdefault(reading.device, []).append(reading)
+        for device_id, device_readings in by_device.items():
+            device_readings.sort(key=lambda r: r.ts)
+            device = state.devices.get(device_id)
+            last_us = None if device is None else _us(device.ts)
+            for reading in device_readings:
+                assert isinstance(reading, MeterReading | SolarReading | BatteryReading)
+                ts_us = _us(reading.ts)
+                late = emitted_until_us is not None and ts_us < emitted_until_us
+                if late or (last_us is not None and ts_us <= last_us):
+                    state.ignored_readings += 1
+                    continue
+                if device is not None and device.open:
+                    assert last_us is not None
+                    self._integrate(device_id, device.role, last_us, ts_us, device.power_kw)
+                role = self._role(reading)
+                assert role is not None
+                device = _Device(role, reading.ts, float(reading.power_kw))
+                last_us = ts_us
+            if device is not None:
+                state.devices[device_id] = device
+                if last_us is not None and (clock_us is None or last_us > clock_us):
+                    clock_us = last_us
+        if clock_us is not None:
+            state.clock = _from_us(clock_us).isoformat()
         self._close_expired()
         return self._ready()
 
@@ -583,23 +623,26 @@ class CarbonEngine:
 
     # integration
 
-    def _integrate(self, device_id: str, device: _Device, until: datetime) -> None:
-        """Hold the device's last power from its ts to ``until`` (capped by the hold)."""
-        start = device.ts
-        end = min(until, start + timedelta(seconds=self.cfg.max_hold_s))
-        device.open = False
-        power_kw = device.power_kw
-        while start < end:
-            hour = start.replace(minute=0, second=0, microsecond=0)  # device times are UTC
-            stop = min(end, hour + HOUR)
-            energy_kwh = power_kw * (stop - start).total_seconds() / 3600.0
-            flows = self.state.hours.setdefault(hour.isoformat(), HourFlows())
-            if device.role == "meter":
+    def _integrate(
+        self, device_id: str, role: Role, start_us: int, until_us: int, power_kw: float
+    ) -> None:
+        """Hold ``power_kw`` from ``start_us`` to ``until_us`` (capped by the hold)."""
+        end_us = min(until_us, start_us + self._hold_us)
+        hours = self.state.hours
+        while start_us < end_us:
+            hour_us = start_us - start_us % _US_PER_HOUR
+            stop_us = min(end_us, hour_us + _US_PER_HOUR)
+            energy_kwh = power_kw * ((stop_us - start_us) / _US_PER_S) / 3600.0
+            key = _hour_key(hour_us)
+            flows = hours.get(key)
+            if flows is None:
+                flows = hours[key] = HourFlows()
+            if role == "meter":
                 if energy_kwh >= 0:
                     flows.import_kwh += energy_kwh
                 else:
                     flows.export_kwh -= energy_kwh
-            elif device.role == "solar":
+            elif role == "solar":
                 solar_kwh = max(0.0, energy_kwh)
                 flows.solar_kwh += solar_kwh
                 by_device = flows.solar_by_device_kwh
@@ -608,16 +651,18 @@ class CarbonEngine:
                 flows.discharge_kwh += energy_kwh
             else:
                 flows.charge_kwh -= energy_kwh
-            start = stop
+            start_us = stop_us
 
     def _close_expired(self) -> None:
         if self.state.clock is None:
             return
-        clock = datetime.fromisoformat(self.state.clock)
-        hold = timedelta(seconds=self.cfg.max_hold_s)
+        clock_us = _us(datetime.fromisoformat(self.state.clock))
+        hold_us = self._hold_us
         for device_id, device in self.state.devices.items():
-            if device.open and device.ts + hold <= clock:
-                self._integrate(device_id, device, clock)
+            start_us = _us(device.ts)
+            if device.open and start_us + hold_us <= clock_us:
+                self._integrate(device_id, device.role, start_us, clock_us, device.power_kw)
+                device.open = False
 
     def _complete(self, hour_end: datetime) -> bool:
         state = self.state
@@ -769,7 +814,7 @@ def register(app: faust.App, settings: Settings) -> None:
     committed offset with nothing counted twice: a reading at or before a device's last
     one is ignored) and the certificate ledger (written when an hour is settled).
     """
-    from pipeline.streams import fan_out_agent, site_agent, site_state, site_table
+    from pipeline.streams import TableState, fan_out_agent, site_agent, site_state
 
     configs = {site.id: cfg for site in settings.sites if (cfg := carbon_settings(site))}
     certificates = {}
@@ -807,11 +852,13 @@ def register(app: faust.App, settings: Settings) -> None:
         CarbonState.from_json,
         CarbonState.to_json,
     )
-    ledger_table = site_table(
+    ledgers: TableState[CertificateLedger | None] = site_state(
         app,
         settings,
         "certificate-ledger",
         "Per-site guarantee-of-origin ledger (its events and the minting memory).",
+        _parse_ledger,
+        _dump_ledger,
     )
 
     def run(
@@ -819,12 +866,11 @@ def register(app: faust.App, settings: Settings) -> None:
     ) -> list[CertificateEvent | EmissionsRecord]:
         state = states.get(site)
         events: list[CertificateEvent] = []
-        ledgers: list[CertificateLedger] = []
+        loaded: list[CertificateLedger] = []
 
         def load_ledger() -> CertificateLedger:
-            saved = ledger_table.get(site)
-            ledgers.append(CertificateLedger.from_json(saved) if saved else CertificateLedger(site))
-            return ledgers[0]
+            loaded.append(ledgers.get(site) or CertificateLedger(site))
+            return loaded[0]
 
         cert_cfg = certificates.get(site)
         certify = (
@@ -832,8 +878,8 @@ def register(app: faust.App, settings: Settings) -> None:
         )
         records = feed(CarbonEngine(site, configs[site], state, certify))
         states.put(site, state)
-        if ledgers:  # an hour was settled: its carry and claims changed, if no event did
-            ledger_table[site] = ledgers[0].to_json()
+        if loaded:  # an hour was settled: its carry and claims changed, if no event did
+            ledgers.put(site, loaded[0])
         return _in_hour_order(events, records)
 
     def on_telemetry(site: str, batch: TelemetryBatch) -> list[CertificateEvent | EmissionsRecord]:
@@ -847,6 +893,14 @@ def register(app: faust.App, settings: Settings) -> None:
     site_agent(
         app, settings, f"{__name__}.scope2", configs, telemetry=on_telemetry, carbon=on_carbon
     )
+
+
+def _parse_ledger(saved: dict[str, Any] | None) -> CertificateLedger | None:
+    return CertificateLedger.from_json(saved) if saved else None
+
+
+def _dump_ledger(ledger: CertificateLedger | None) -> dict[str, Any] | None:
+    return None if ledger is None else ledger.to_json()
 
 
 def _in_hour_order(
