@@ -315,7 +315,7 @@ class PricedInterval:
 class BatteryState:
     last_decided_start_ms: int | None = None
     unpriced: list[tuple[int, float]] = field(default_factory=list)
-    """(ts_ms, soc_pct) of readings whose price interval is not known yet."""
+    """(ts_ms, soc_pct) of readings whose price interval is not known yet, by time."""
     plan: CachedPlan | None = None
     """The optimal strategy's current plan."""
 
@@ -339,7 +339,7 @@ class SiteState:
             "batteries": {
                 device: {
                     "last": b.last_decided_start_ms,
-                    "unpriced": b.unpriced,
+                    "unpriced": list(b.unpriced),
                     **({"plan": b.plan.to_json()} if b.plan else {}),
                 }
                 for device, b in self.batteries.items()
@@ -360,7 +360,7 @@ class SiteState:
             batteries={
                 device: BatteryState(
                     b["last"],
-                    [(int(t), float(soc)) for t, soc in b["unpriced"]],
+                    sorted(((int(t), float(soc)) for t, soc in b["unpriced"]), key=_ts_of),
                     CachedPlan.from_json(b.get("plan")),
                 )
                 for device, b in data["batteries"].items()
@@ -421,25 +421,27 @@ class SiteArbitrage:
         decisions: list[Decision] = []
         # Every other waiting reading's interval is still unknown (a reading whose
         # interval was known was decided on arrival or by that interval's tick), so only
-        # those inside this tick's interval are looked up: one pass over the waiting
-        # readings, however long the backlog of a worker catching up ahead of its prices.
+        # those inside this tick's interval are looked up: waiting readings are kept in
+        # time order, so they are one slice, found by bisection however long the backlog
+        # of a worker running ahead of its prices.
         start_ms, end_ms = _ms(tick.start), _ms(tick.end)
         for device, battery_state in sorted(state.batteries.items()):
             battery = self.batteries.get(device)
-            if battery is None or not any(
-                start_ms <= t < end_ms for t, _ in battery_state.unpriced
-            ):
+            waiting = battery_state.unpriced
+            first = bisect.bisect_left(waiting, start_ms, key=_ts_of)
+            last = bisect.bisect_left(waiting, end_ms, key=_ts_of)
+            if battery is None or first == last:
                 continue
             still_unpriced: list[tuple[int, float]] = []
-            for ts_ms, soc_pct in battery_state.unpriced:
-                interval = state.interval_at(ts_ms) if start_ms <= ts_ms < end_ms else None
+            for ts_ms, soc_pct in waiting[first:last]:
+                interval = state.interval_at(ts_ms)
                 if interval is None:
                     still_unpriced.append((ts_ms, soc_pct))
                     continue
                 decision = self._decide(state, battery, battery_state, interval, ts_ms, soc_pct)
                 if decision is not None:
                     decisions.append(decision)
-            battery_state.unpriced = still_unpriced
+            waiting[first:last] = still_unpriced
         self._prune(state)
         return decisions
 
@@ -514,7 +516,8 @@ class SiteArbitrage:
         waiting = battery_state.unpriced
         if waiting and waiting[-1][0] // UNPRICED_BUCKET_MS == ts_ms // UNPRICED_BUCKET_MS:
             return  # not the first reading of its bucket: it can never be an interval's first
-        waiting.append((ts_ms, soc_pct))
+        # In time order (an append, unless the device sent an older reading late).
+        bisect.insort_right(waiting, (ts_ms, soc_pct), key=_ts_of)
         if len(waiting) > MAX_UNPRICED:
             del waiting[0]
             state.dropped_unpriced += 1
@@ -524,6 +527,10 @@ class SiteArbitrage:
         if newest is None:
             return
         state.intervals = [i for i in state.intervals if i.end_ms >= newest - PRICE_HORIZON_MS]
+
+
+def _ts_of(waiting: tuple[int, float]) -> int:
+    return waiting[0]
 
 
 def command_for(decision: Decision, battery: BatteryConfig) -> Command | None:

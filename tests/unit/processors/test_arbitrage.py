@@ -213,6 +213,20 @@ class TestSiteJoin:
         engine.on_readings(state, [reading(m, 50.0 + m) for m in range(12)])
         assert [soc for _, soc in state.batteries["b1"].unpriced] == [50.0, 55.0, 60.0]
 
+    def test_waiting_readings_are_kept_and_decided_in_time_order(self) -> None:
+        # A late reading of an earlier interval waits in its place: the tick of its own
+        # interval finds it (a slice of the waiting list), the others keep waiting.
+        engine, state = SiteArbitrage(SITE), SiteState()
+        engine.on_readings(state, [reading(125, 70.0), reading(0, 40.0), reading(61, 60.0)])
+        assert [soc for _, soc in state.batteries["b1"].unpriced] == [40.0, 60.0, 70.0]
+        # A state saved unordered (by an older version) is ordered when restored.
+        saved = state.to_json()
+        saved["batteries"]["b1"]["unpriced"].reverse()
+        restored = SiteState.from_json(saved)
+        assert restored == state
+        assert [d.soc_pct for d in engine.on_price(state, tick(1, 0.01))] == [60.0]
+        assert [soc for _, soc in state.batteries["b1"].unpriced] == [40.0, 70.0]
+
     def test_waiting_readings_are_bounded_by_count_not_by_event_time(self) -> None:
         engine, state = SiteArbitrage(SITE), SiteState()
         days = 40
