@@ -999,14 +999,19 @@ class SiteAllocation:
         newest = state.newest_ms
         if newest is None:
             return out
+        planned = set(state.planned)
         for start_ms, end_ms, price in state.intervals:
-            if end_ms > newest or start_ms in state.planned:
+            if end_ms > newest or start_ms in planned:
                 continue
-            inside = sorted(k for k in state.buckets if start_ms <= k < end_ms)
+            # Bucket keys are multiples of the bucket length: look up the interval's own
+            # (12 for an hour), not every bucket a worker ahead of its prices holds.
+            first_ms = -(-start_ms // INTERVAL_BUCKET_MS) * INTERVAL_BUCKET_MS
+            inside = [k for k in range(first_ms, end_ms, INTERVAL_BUCKET_MS) if k in state.buckets]
             if not inside:
                 continue  # nothing measured in it (yet): no plan
             buckets = [state.buckets.pop(k) for k in inside]
             state.planned.append(start_ms)
+            planned.add(start_ms)
             start = datetime.fromtimestamp(start_ms / 1000, tz=UTC)
             try:
                 out.append(
