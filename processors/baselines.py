@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from collections import deque
+from array import array
 from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime
 
@@ -48,14 +48,22 @@ def quantile_of_sorted(ordered: Sequence[float], q: float) -> float:
 
 
 class RollingSample:
-    """The last ``size`` values, with quantiles refreshed every ``refresh`` additions."""
+    """The last ``size`` values, with quantiles refreshed every ``refresh`` additions.
 
-    __slots__ = ("_since", "_sorted", "refresh", "values", "version")
+    Values are packed doubles (``array('d')``: 8 bytes each, where a deque of Python
+    floats costs about 40 with its sorted copy): a detector holds several samples of
+    thousands of values per device, and a worker holds every device of its partitions.
+    """
+
+    __slots__ = ("_next", "_since", "_sorted", "refresh", "size", "values", "version")
 
     def __init__(self, size: int, refresh: int | None = None) -> None:
-        self.values: deque[float] = deque(maxlen=size)
+        self.size = size
+        self.values = array("d")
+        """The values; once full, a ring whose oldest value is at ``_next``."""
+        self._next = 0
         self.refresh = refresh or max(10, size // 20)
-        self._sorted: list[float] = []
+        self._sorted = array("d")
         self._since = 0
         self.version = 0
         """Counts the refreshes: quantiles derived from the sample can be cached per version."""
@@ -64,24 +72,33 @@ class RollingSample:
         return len(self.values)
 
     def add(self, value: float) -> None:
-        self.values.append(value)
+        values = self.values
+        if len(values) < self.size:
+            values.append(value)
+        else:
+            values[self._next] = value
+            self._next = (self._next + 1) % self.size
         self._since += 1
         # Sort early while the sample is young, so quantiles exist from the first tens.
-        if self._since >= self.refresh or len(self._sorted) * 2 < len(self.values):
-            self._sorted = sorted(self.values)
-            self._since = 0
-            self.version += 1
+        if self._since >= self.refresh or len(self._sorted) * 2 < len(values):
+            self._sort()
+
+    def _sort(self) -> None:
+        self._sorted = array("d", sorted(self.values))
+        self._since = 0
+        self.version += 1
 
     def to_state(self) -> list[float]:
-        return list(self.values)
+        """The values, oldest first."""
+        values = self.values
+        return values[self._next :].tolist() + values[: self._next].tolist()
 
     def restore(self, values: Iterable[float]) -> None:
         """Refill from a checkpoint (quantiles refreshed at once)."""
-        self.values.clear()
-        self.values.extend(values)
-        self._sorted = sorted(self.values)
-        self._since = 0
-        self.version += 1
+        kept = array("d", values)
+        self.values = kept[len(kept) - self.size :] if len(kept) > self.size else kept
+        self._next = 0
+        self._sort()
 
     def quantile(self, q: float) -> float:
         """The ``q`` quantile of the sample at its last refresh (raises if it is empty)."""
