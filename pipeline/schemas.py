@@ -22,7 +22,7 @@ generator power are >= 0; EV ``power_kw`` is positive when charging the car
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeAlias
 
@@ -36,12 +36,22 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import TzInfo
 
 SCHEMA_VERSION: Literal[1] = 1
 
 
 def _to_utc(value: datetime) -> datetime:
+    # A fixed zero offset (how pydantic parses "Z" and "+00:00") is kept as it is: a
+    # conversion per reading costs more than the rest of its timestamp's validation. A
+    # zone (zoneinfo) is converted even at offset 0: its arithmetic is wall-clock time.
+    if type(value.tzinfo) in _FIXED_OFFSETS and value.utcoffset() == _ZERO:
+        return value
     return value.astimezone(UTC)
+
+
+_ZERO = timedelta(0)
+_FIXED_OFFSETS = (TzInfo, timezone)
 
 
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]

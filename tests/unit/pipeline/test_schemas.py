@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given
@@ -144,3 +145,15 @@ def test_decision_round_trip(power_kw: float, soc_pct: float, seconds: int) -> N
         reason="r",
     )
     assert codec.decode(Decision, codec.encode(decision)) == decision
+
+
+def test_a_zone_at_offset_zero_is_converted_to_utc() -> None:
+    # London in winter has offset 0, but its arithmetic is wall-clock (DST): not kept.
+    london = datetime(2025, 1, 7, 14, tzinfo=ZoneInfo("Europe/London"))
+    reading = BatteryReading(device="b", ts=london, power_kw=0, soc_pct=1)
+    assert reading.ts.tzinfo == UTC
+    assert (reading.ts + timedelta(days=180)).utcoffset() == timedelta(0)
+    parsed = BatteryReading.model_validate(
+        {"device": "b", "ts": "2025-01-07T14:00:00Z", "power_kw": 0, "soc_pct": 1}
+    )
+    assert parsed.ts == london and parsed.ts.utcoffset() == timedelta(0)
