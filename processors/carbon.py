@@ -94,7 +94,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -434,9 +434,18 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ROLE_OF_KIND: dict[str, Role] = {"meter": "meter", "solar": "solar", "battery": "battery"}
 
 
+_ONE_US = timedelta(microseconds=1)
+_Powered = MeterReading | SolarReading | BatteryReading
+"""The kinds the engine integrates (:data:`_ROLE_OF_KIND`)."""
+
+
 def _us(ts: datetime) -> int:
     """Microseconds since the epoch, exactly (a float of seconds would round them)."""
-    return (ts - _EPOCH) // timedelta(microseconds=1)
+    return (ts - _EPOCH) // _ONE_US
+
+
+def _reading_time(entry: tuple[_Powered, Role]) -> datetime:
+    return entry[0].ts
 
 
 def _device_set(devices: list[str] | None) -> frozenset[str] | None:
@@ -563,31 +572,35 @@ class CarbonEngine:
         state = self.state
         emitted_until_us = None if state.emitted_until is None else _us(_utc(state.emitted_until))
         clock_us = None if state.clock is None else _us(_utc(state.clock))
-        by_device: dict[str, list[Reading]] = {}
+        by_device: dict[str, list[tuple[_Powered, Role]]] = {}
         for reading in readings:
-            if self._role(reading) is not None:
-                by_device.setdefault(reading.device, []).append(reading)
-        for device_id, device_readings in by_device.items():
-            device_readings.sort(key=lambda r: r.ts)
+            role = self._role(reading)
+            if role is not None:
+                powered = cast(_Powered, reading)
+                by_device.setdefault(reading.device, []).append((powered, role))
+        for device_id, entries in by_device.items():
+            entries.sort(key=_reading_time)
             device = state.devices.get(device_id)
-            last_us = None if device is None else _us(device.ts)
-            for reading in device_readings:
-                assert isinstance(reading, MeterReading | SolarReading | BatteryReading)
+            accepted = False
+            # The device's last accepted reading: its hold is integrated up to the next one.
+            if device is None:
+                last_us, last_ts, role, power_kw, open_ = None, None, None, 0.0, False
+            else:
+                last_us, last_ts = _us(device.ts), device.ts
+                role, power_kw, open_ = device.role, device.power_kw, device.open
+            for reading, reading_role in entries:
                 ts_us = _us(reading.ts)
                 late = emitted_until_us is not None and ts_us < emitted_until_us
                 if late or (last_us is not None and ts_us <= last_us):
                     state.ignored_readings += 1
                     continue
-                if device is not None and device.open:
-                    assert last_us is not None
-                    self._integrate(device_id, device.role, last_us, ts_us, device.power_kw)
-                role = self._role(reading)
-                assert role is not None
-                device = _Device(role, reading.ts, float(reading.power_kw))
-                last_us = ts_us
-            if device is not None:
-                state.devices[device_id] = device
-                if last_us is not None and (clock_us is None or last_us > clock_us):
+                if open_ and last_us is not None and role is not None:
+                    self._integrate(device_id, role, last_us, ts_us, power_kw)
+                last_us, last_ts, role = ts_us, reading.ts, reading_role
+                power_kw, open_, accepted = float(reading.power_kw), True, True
+            if accepted and last_ts is not None and role is not None and last_us is not None:
+                state.devices[device_id] = _Device(role, last_ts, power_kw)
+                if clock_us is None or last_us > clock_us:
                     clock_us = last_us
         if clock_us is not None:
             state.clock = _from_us(clock_us).isoformat()
