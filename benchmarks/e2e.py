@@ -168,20 +168,22 @@ class Drained(NamedTuple):
 
 
 async def _watch_worker(
-    settings: Settings, workers: list[subprocess.Popen[bytes]], timeout_s: float
+    settings: Settings,
+    workers: list[subprocess.Popen[bytes]],
+    timeout_s: float,
+    with_sink: bool = True,
 ) -> Drained:
     """Follow the workers' consumer groups until they have read everything.
 
     Drained means the agents' group has committed everything on every topic they read
     (the prices and intensities, and the fan-outs' ``site-prices`` and ``site-carbon``
-    that the worker writes itself), and the sink's group all the telemetry: until then
-    decisions and points are still being made.
+    that the worker writes itself), and the sink's group (``with_sink``) all the
+    telemetry: until then decisions and points are still being made.
     """
     telemetry = settings.topic(topics.TELEMETRY)
-    groups = {
-        settings.app_id: agent_input_topics(settings),
-        f"{settings.app_id}-sink-influx": [telemetry],
-    }
+    groups = {settings.app_id: agent_input_topics(settings)}
+    if with_sink:
+        groups[f"{settings.app_id}-sink-influx"] = [telemetry]
     deadline = time.monotonic() + timeout_s
     first: tuple[float, float] | None = None
     telemetry_s: float | None = None
@@ -219,8 +221,10 @@ def _e2e(
     readings: int,
     workers: int = 1,
     config: Path = SAMPLE / "wattstream.toml",
+    sinks: bool = True,
 ) -> dict[str, float]:
-    """Run ``workers`` workers of one app (one consumer group) until they have read it all."""
+    """Run ``workers`` workers of one app (one consumer group) until they have read it all
+    (``sinks``: each also runs the InfluxDB sink, as ``wattstream worker`` does)."""
     work_dir = Path(overrides["data_dir"]).parent
     processes: list[subprocess.Popen[bytes]] = []
     logs = [work_dir / f"worker-{n}.log" for n in range(workers)]
@@ -234,7 +238,8 @@ def _e2e(
             with log.open("wb") as log_file:
                 processes.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "pipeline.cli", "worker"],
+                        [sys.executable, "-m", "pipeline.cli", "worker"]
+                        + ([] if sinks else ["--no-sinks"]),
                         env=env,
                         cwd=work_dir,
                         stdout=subprocess.DEVNULL,
@@ -242,7 +247,7 @@ def _e2e(
                         preexec_fn=die_with_parent,
                     )
                 )
-        drained = asyncio.run(_watch_worker(settings, processes, timeout_s=900))
+        drained = asyncio.run(_watch_worker(settings, processes, timeout_s=900, with_sink=sinks))
         rss_mb = max(_peak_rss_mb(worker.pid) for worker in processes)
     finally:
         for worker in processes:

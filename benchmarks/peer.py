@@ -6,8 +6,9 @@ process, over the same topics:
 
 * ``arbitrage_only_readings_per_s``: ``wattstream worker`` on a configuration with the
   sample's batteries and nothing else (detection turned off), so that it computes what
-  the peer computes. It still runs its InfluxDB sink (to a file) and its price fan-out,
-  which the peer does not: the comparison is tilted towards the peer.
+  the peer computes, agents only (``--no-sinks``: no InfluxDB sink, which the peer does
+  not have either). It still runs the price fan-out that writes ``site-prices``, which
+  the peer reads ready-made: the comparison is tilted towards the peer.
 * ``peer_quixstreams_readings_per_s``: a quixstreams ``Application`` that consumes the
   telemetry and the ``site-prices`` topic (both keyed by site; the worker above wrote
   the latter from the prices), concatenated into one stream with one state store per
@@ -239,7 +240,8 @@ def bench_peer() -> dict[str, float]:
         overrides = _overrides(broker, work_dir)
         settings = load_settings(config, **overrides)
         readings = asyncio.run(_load(settings))
-        ours = _e2e(settings, overrides, readings, config=config)
+        # Agents only, as the peer: the InfluxDB sink is not part of the computation.
+        ours = _e2e(settings, overrides, readings, config=config, sinks=False)
         ours_ids = asyncio.run(
             decision_ids(
                 settings, settings.topic(topics.DECISIONS), settings.topic(topics.COMMANDS)

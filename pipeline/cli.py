@@ -131,8 +131,15 @@ def demo(obj: Context, telemetry: Path, prices: Path, carbon: Path, as_json: boo
 
 
 @main.command()
+@click.option(
+    "--sinks/--no-sinks",
+    default=True,
+    show_default=True,
+    help="Also run the sinks (InfluxDB, webhooks). --no-sinks runs the agents only, so "
+    "agents and sinks can be scaled apart: the sinks then run in other workers.",
+)
 @click.pass_obj
-def worker(obj: Context) -> None:
+def worker(obj: Context, sinks: bool) -> None:
     """Run the Faust agents and sinks until stopped (SIGTERM or Ctrl-C).
 
     With no WATTSTREAM_BROKER it starts the embedded in-memory broker first.
@@ -156,9 +163,12 @@ def worker(obj: Context) -> None:
         except (ConnectionError, kafka.TopicMismatchError) as error:
             click.echo(f"wattstream: {error}", err=True)
             sys.exit(1)
-        app = create_app(settings, with_sinks=True)
+        app = create_app(settings, with_sinks=sinks)
         log.info(
-            "worker %s starting: broker %s", settings.app_id, kafka.bootstrap_servers(settings)
+            "worker %s starting: broker %s%s",
+            settings.app_id,
+            kafka.bootstrap_servers(settings),
+            "" if sinks else ", agents only (--no-sinks)",
         )
         faust_worker = Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
         # Faust's terminal spinner, at WARNING and above, sets the root logger to DEBUG so

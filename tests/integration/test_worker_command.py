@@ -1,0 +1,95 @@
+"""``wattstream worker`` as a process: ``--no-sinks`` runs the agents without the sinks,
+and a worker with its sinks (the default) in the same app writes what they left out."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from benchmarks.peer import arbitrage_only_config, decision_ids
+from ingest.replay import Replay
+from pipeline import kafka, topics
+from pipeline.app import agent_input_topics
+from pipeline.local import EmbeddedBroker, stop_process
+from pipeline.settings import Settings
+from tests.conftest import SettingsFactory
+from tests.integration.test_arbitrage_agent import HOURS, SITES, write_inputs
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def running_worker(
+    settings: Settings, config: Path, log: Path, *args: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATTSTREAM_")}
+    env.update(
+        WATTSTREAM_CONFIG=str(config),
+        WATTSTREAM_APP_ID=settings.app_id,
+        WATTSTREAM_BROKER=settings.broker or "",
+        WATTSTREAM_TOPIC_PREFIX=settings.topic_prefix,
+        WATTSTREAM_PARTITIONS=str(settings.partitions),
+        WATTSTREAM_STORE="memory",
+        WATTSTREAM_DATA_DIR=str(settings.data_dir),
+        WATTSTREAM_INFLUX_FILE=str(settings.influx.file),
+        WATTSTREAM_KAFKA_ONE_RECORD_PER_BATCH="true",
+        WATTSTREAM_KAFKA_FETCH_MAX_WAIT_MS="10",
+        WATTSTREAM_LOG_LEVEL="INFO",
+    )
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker", *args],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+        try:
+            yield process
+        finally:
+            stop_process(process, timeout_s=30)
+
+
+async def test_no_sinks_runs_the_agents_only(
+    kafka_broker: EmbeddedBroker, make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        broker=kafka_broker.bootstrap, sites=SITES, kafka={"one_record_per_batch": True}
+    )
+    config = tmp_path / "arbitrage.toml"
+    config.write_text(arbitrage_only_config(settings))
+    await kafka.ensure_topics(settings)
+    telemetry_file, prices_file = write_inputs(tmp_path)
+    await Replay(settings, telemetry_file, prices_file).run()
+    telemetry = settings.topic(topics.TELEMETRY)
+    sink_group = f"{settings.app_id}-sink-influx"
+
+    agents_log = tmp_path / "agents.log"
+    with running_worker(settings, config, agents_log, "--no-sinks") as agents:
+        await kafka.wait_until_drained(
+            settings, {settings.app_id: agent_input_topics(settings)}, timeout_s=120
+        )
+        assert agents.poll() is None, agents_log.read_text()
+    assert "agents only (--no-sinks)" in agents_log.read_text()
+    decisions = await decision_ids(
+        settings, settings.topic(topics.DECISIONS), settings.topic(topics.COMMANDS)
+    )
+    assert len(decisions) == 2 * 3 * HOURS  # a decision and a command per site and hour
+    assert not settings.influx.file.exists()
+    assert (await kafka.group_lag(settings, sink_group, [telemetry])).committed == {}
+
+    # The default worker of the same app: its agents find nothing left, its sink the
+    # whole telemetry topic.
+    with running_worker(settings, config, tmp_path / "full.log") as full:
+        await kafka.wait_until_drained(settings, {sink_group: [telemetry]}, timeout_s=120)
+        assert full.poll() is None, (tmp_path / "full.log").read_text()
+    lines = settings.influx.file.read_text().splitlines()
+    assert sum(line.startswith("battery,") for line in lines) == 3 * HOURS * 12
