@@ -12,6 +12,8 @@ zone's generation mix, all on Kafka before anything is timed; then:
   everything (the agents' every input: prices, intensities and the worker's own
   fan-outs too). The readings before the first commit are left out, so the consumer
   group's join (seconds on this broker) is not counted as processing time;
+* ``e2e_agents_only_readings_per_s``: the same with ``wattstream worker --no-sinks``
+  (the agents without the InfluxDB sink), on a fresh copy of the load;
 * ``e2e_tail_after_telemetry_s``: how long, after all the telemetry was read, the
   agents still worked on prices and intensities (and the readings that waited for them);
 * ``faust_per_event_msgs_per_s``: a Faust agent that iterates one event at a time over
@@ -323,6 +325,15 @@ def bench_e2e() -> dict[str, float]:
         readings = asyncio.run(_load(settings))
         raw_msgs_per_s, messages = asyncio.run(_raw_consume(settings))
         out = _e2e(settings, overrides, readings)
+        # The same worker without its InfluxDB sink (``--no-sinks``), on topics of its own
+        # (the fan-outs' would hold the first run's copies): what the sink's second read
+        # and encoding of the telemetry costs the worker.
+        agents_dir = Path(tmp) / "agents-only"
+        agents_dir.mkdir()
+        agents_only = _overrides(broker, agents_dir)
+        agents_settings = load_settings(**agents_only)
+        asyncio.run(_load(agents_settings))
+        agents = _e2e(agents_settings, agents_only, readings, sinks=False)
         naive = asyncio.run(_faust_per_event(load_settings(**_overrides(broker, Path(tmp)))))
     return {
         "e2e_readings_per_s": out["e2e_readings_per_s"],
@@ -330,6 +341,7 @@ def bench_e2e() -> dict[str, float]:
         "e2e_worker_rss_mb": out["worker_rss_mb"],
         # From all the telemetry read to every price and intensity decided on.
         "e2e_tail_after_telemetry_s": out["tail_s"],
+        "e2e_agents_only_readings_per_s": agents["e2e_readings_per_s"],
         "raw_consume_msgs_per_s": raw_msgs_per_s,
         "raw_consume_readings_per_s": raw_msgs_per_s * readings / messages,
         "faust_per_event_msgs_per_s": naive,
