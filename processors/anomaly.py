@@ -226,13 +226,13 @@ class _Profile:
     """Hourly means per (day type, local hour), and their cached median and spread."""
 
     days: int
-    slots: dict[tuple[int, int], deque[float]] = field(default_factory=dict)
+    slots: dict[tuple[int, int], list[float]] = field(default_factory=dict)
     stats: dict[tuple[int, int], tuple[float, float, int]] = field(default_factory=dict)
 
     def add(self, day_type: int, hour: int, mean_kw: float) -> None:
         key = (day_type, hour)
-        history = self.slots.setdefault(key, deque(maxlen=self.days))
-        history.append(mean_kw)
+        history = self.slots.setdefault(key, [])
+        _push(history, mean_kw, self.days)
         self.stats[key] = (median(history), mad_spread(history), len(history))
         both = [*self.slots.get((0, hour), ()), *self.slots.get((1, hour), ())]
         self.stats[(2, hour)] = (median(both), mad_spread(both), len(both))
@@ -244,6 +244,13 @@ class _Profile:
             if stats is not None and stats[2] >= min_days:
                 return stats[0], stats[1]
         return None
+
+
+def _push(history: list[float], value: float, limit: int) -> None:
+    """Append ``value``, keeping the last ``limit`` values (a short deque's ``maxlen``)."""
+    history.append(value)
+    if len(history) > limit:
+        del history[0]
 
 
 def _ts(at: datetime) -> str:
@@ -264,13 +271,15 @@ class SignalDetector:
         self._holidays = set(self.settings.holidays)
         self.first_s: float | None = None
         self.last_s: float | None = None
-        self.recent: deque[float] = deque(maxlen=LOCAL_READINGS)
+        # Short histories are lists trimmed by _push, not deques: an empty deque holds a
+        # block of 64 slots (~760 bytes), and a worker holds a detector per device.
+        self.recent: list[float] = []
         self.residuals = RollingSample(RESIDUAL_SAMPLE)
         self.levels = RollingSample(LEVEL_SAMPLE)
         self.diffs = RollingSample(RESIDUAL_SAMPLE)
         self.profile = _Profile(self.settings.profile_days)
         self.hour = _HourAccumulator()
-        self.window: deque[float] = deque(maxlen=SHIFT_READINGS)
+        self.window: list[float] = []
         self.shift_window: deque[tuple[float, float]] = deque()
         self.hour_window: deque[tuple[float, float]] = deque()
         self.hour_sum_kw = 0.0
@@ -281,7 +290,7 @@ class SignalDetector:
         self.run_start_s = 0.0
         self.natural_runs = RollingSample(RUN_SAMPLE, refresh=1)
         self.open: dict[str, _Incident] = {}
-        self.sun_ratios: deque[float] = deque(maxlen=LOCAL_READINGS)
+        self.sun_ratios: list[float] = []
         """PV output per irradiance of the last sunlit readings. [kW/(W/m2)]"""
         self._noise: tuple[int, float] = (-1, 0.0)
         self._bounds: tuple[tuple[int, int], tuple[float, float]] = ((-1, -1), (0.0, 0.0))
@@ -323,7 +332,7 @@ class SignalDetector:
     def restore(self, state: dict[str, Any]) -> None:
         """Take up a checkpoint of :meth:`to_state`."""
         self.first_s, self.last_s = state["first_s"], state["last_s"]
-        self.recent.extend(state["recent"])
+        self.recent = list(state["recent"])[-LOCAL_READINGS:]
         self.residuals.restore(state["residuals"])
         self.levels.restore(state["levels"])
         self.diffs.restore(state["diffs"])
@@ -333,7 +342,7 @@ class SignalDetector:
         day, hour, sum_kw, count, day_type = state["hour"]
         key = None if day is None else (date.fromisoformat(day), hour)
         self.hour = _HourAccumulator(key, sum_kw, count, day_type)
-        self.window.extend(state["window"])
+        self.window = list(state["window"])[-SHIFT_READINGS:]
         self.shift_window.extend((t, v) for t, v in state["shift_window"])
         self.hour_window.extend((t, v) for t, v in state["hour_window"])
         self.hour_sum_kw = sum(v for _, v in self.hour_window)
@@ -345,7 +354,7 @@ class SignalDetector:
             label: _Incident(Alert.model_validate(alert), extreme)
             for label, (alert, extreme) in state["open"].items()
         }
-        self.sun_ratios.extend(state["sun_ratios"])
+        self.sun_ratios = list(state["sun_ratios"])[-LOCAL_READINGS:]
 
     # --- thresholds -----------------------------------------------------------------
 
@@ -411,14 +420,14 @@ class SignalDetector:
         residual_kw = power_kw - level_kw
         expectation = self.expectation(ts_s) if ready else None
 
-        self.window.append(power_kw)
+        _push(self.window, power_kw, SHIFT_READINGS)
         faulty = self._stuck(at, ts_s, power_kw, ready, out)
         faulty = (
             self._spike(at, ts_s, power_kw, irradiance_w_m2, level_kw, residual_kw, ready, out)
             or faulty
         )
         if irradiance_w_m2 is not None and irradiance_w_m2 >= SUNLIT_W_M2:
-            self.sun_ratios.append(power_kw / irradiance_w_m2)
+            _push(self.sun_ratios, power_kw / irradiance_w_m2, LOCAL_READINGS)
         # PV follows the weather: a cloudy day is far below a time-of-day profile, and a
         # passing cloud is a dip. Its drops and lasting losses are judged against
         # irradiance by the solar detector (processors/solar.py), not here.
@@ -438,7 +447,7 @@ class SignalDetector:
     def _learn(self, ts_s: float, power_kw: float, residual_kw: float) -> None:
         if self.recent:
             self.diffs.add(abs(power_kw - self.recent[-1]))
-        self.recent.append(power_kw)
+        _push(self.recent, power_kw, LOCAL_READINGS)
         self.residuals.add(residual_kw)
         self.levels.add(power_kw)
         hour_key = (self.clock.day(ts_s), self.clock.hour(ts_s))

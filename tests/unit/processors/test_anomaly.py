@@ -11,7 +11,12 @@ import pytest
 
 from pipeline.schemas import Alert, AlertStatus
 from pipeline.settings import SettingsError, SiteConfig
-from processors.anomaly import DetectionSettings, SignalDetector
+from processors.anomaly import (
+    LOCAL_READINGS,
+    SHIFT_READINGS,
+    DetectionSettings,
+    SignalDetector,
+)
 from processors.baselines import LocalClock
 from processors.detection import SiteDetection, detection_settings
 from processors.vampire import VampireDetector
@@ -280,6 +285,21 @@ def test_a_spike_on_a_raised_level_is_still_a_spike() -> None:
     values[shift_at + 40] += 12.0
     spikes = firing(run(values), "spike")
     assert [a.start for a in spikes] == [START + (shift_at + 40) * STEP]
+
+
+def test_short_histories_keep_their_length_also_from_a_longer_checkpoint() -> None:
+    settings = DetectionSettings(profile_days=2, min_history_days=1)
+    detector = SignalDetector("s", "d", "home", settings)
+    for k, value in enumerate(series(7)):  # 5 weekdays: more than 2 per weekday slot
+        detector.observe(START + k * STEP, value)
+    state = json.loads(json.dumps(detector.to_state()))
+    assert len(state["recent"]) == LOCAL_READINGS and len(state["window"]) == SHIFT_READINGS
+    assert max(len(days) for _, _, days in state["profile"]) == 2
+    # A checkpoint with more values than fit keeps the newest, as a bounded deque did.
+    state["recent"] = [float(n) for n in range(3 * LOCAL_READINGS)]
+    restored = SignalDetector("s", "d", "home")
+    restored.restore(state)
+    assert restored.to_state()["recent"] == state["recent"][-LOCAL_READINGS:]
 
 
 def test_a_checkpoint_carries_what_was_learned() -> None:
