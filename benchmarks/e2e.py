@@ -79,22 +79,25 @@ def sample_period_ms() -> int:
     )
 
 
-def _environment(
-    overrides: dict[str, Any], config: Path = SAMPLE / "wattstream.toml"
+def worker_environment(
+    settings: Settings, config: Path = SAMPLE / "wattstream.toml", log_level: str = "WARNING"
 ) -> dict[str, str]:
+    """The environment of a ``wattstream worker`` process on ``config`` with ``settings``'
+    deployment (broker, topics, store, data and line-protocol paths): none of the
+    caller's own ``WATTSTREAM_*`` variables, and the embedded broker's Kafka settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WATTSTREAM_")}
     env.update(
         WATTSTREAM_CONFIG=str(config),
-        WATTSTREAM_APP_ID=overrides["app_id"],
-        WATTSTREAM_BROKER=overrides["broker"],
-        WATTSTREAM_TOPIC_PREFIX=overrides["topic_prefix"],
-        WATTSTREAM_PARTITIONS=str(PARTITIONS),
-        WATTSTREAM_STORE=overrides["store"],
-        WATTSTREAM_DATA_DIR=overrides["data_dir"],
-        WATTSTREAM_INFLUX_FILE=overrides["influx"]["file"],
+        WATTSTREAM_APP_ID=settings.app_id,
+        WATTSTREAM_BROKER=kafka.bootstrap_servers(settings),
+        WATTSTREAM_TOPIC_PREFIX=settings.topic_prefix,
+        WATTSTREAM_PARTITIONS=str(settings.partitions),
+        WATTSTREAM_STORE=settings.store,
+        WATTSTREAM_DATA_DIR=str(settings.data_dir),
+        WATTSTREAM_INFLUX_FILE=str(settings.influx.file),
         WATTSTREAM_KAFKA_ONE_RECORD_PER_BATCH="true",
         WATTSTREAM_KAFKA_FETCH_MAX_WAIT_MS="10",
-        WATTSTREAM_LOG_LEVEL="WARNING",
+        WATTSTREAM_LOG_LEVEL=log_level,
     )
     return env
 
@@ -164,43 +167,52 @@ class Drained(NamedTuple):
     telemetry_s: float
     """When it had committed all the telemetry."""
     done_s: float
-    """When it had committed every input, and the sink all the telemetry."""
+    """When every group watched had committed everything on its topics."""
     consumed_at_first: float
     """The fraction of the telemetry already consumed at ``first_s``."""
 
+    def readings_per_s(self, readings: int) -> float:
+        """The rate of the readings consumed after the first commit (the group's join,
+        seconds on this broker, is not processing time)."""
+        return readings * (1 - self.consumed_at_first) / (self.done_s - self.first_s)
 
-async def _watch_worker(
-    settings: Settings,
-    workers: list[subprocess.Popen[bytes]],
-    timeout_s: float,
-    with_sink: bool = True,
-) -> Drained:
-    """Follow the workers' consumer groups until they have read everything.
 
-    Drained means the agents' group has committed everything on every topic they read
-    (the prices and intensities, and the fan-outs' ``site-prices`` and ``site-carbon``
-    that the worker writes itself), and the sink's group (``with_sink``) all the
-    telemetry: until then decisions and points are still being made.
-    """
-    telemetry = settings.topic(topics.TELEMETRY)
+def worker_groups(settings: Settings, with_sink: bool = True) -> dict[str, list[str]]:
+    """A worker's consumer groups and what they read: the agents' every input (the prices
+    and intensities, and the fan-outs' ``site-prices`` and ``site-carbon`` that the worker
+    writes itself), and the sink's telemetry (``with_sink``)."""
     groups = {settings.app_id: agent_input_topics(settings)}
     if with_sink:
-        groups[f"{settings.app_id}-sink-influx"] = [telemetry]
+        groups[f"{settings.app_id}-sink-influx"] = [settings.topic(topics.TELEMETRY)]
+    return groups
+
+
+async def watch_drained(
+    settings: Settings,
+    processes: list[subprocess.Popen[bytes]],
+    timeout_s: float,
+    groups: dict[str, list[str]],
+) -> Drained:
+    """Follow the consumer groups until each has committed everything on its topics.
+
+    Until then decisions and points are still being made. The first group's progress on
+    the telemetry times the run (its first commit, all its telemetry read).
+    """
+    telemetry = settings.topic(topics.TELEMETRY)
     deadline = time.monotonic() + timeout_s
     first: tuple[float, float] | None = None
     telemetry_s: float | None = None
     while True:
-        for worker in workers:
-            if worker.poll() is not None:
-                raise RuntimeError(f"a worker exited with {worker.returncode}")
+        for process in processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
         if time.monotonic() > deadline:
-            raise TimeoutError("the worker did not drain the telemetry in time")
+            raise TimeoutError("the telemetry was not drained in time")
         now = time.perf_counter()
         lags = [await kafka.group_lag(settings, g, names) for g, names in groups.items()]
-        agents = lags[0]
-        ends = {tp: end for tp, end in agents.end.items() if tp.topic == telemetry}
+        ends = {tp: end for tp, end in lags[0].end.items() if tp.topic == telemetry}
         total = sum(ends.values())
-        consumed = sum(min(agents.committed.get(tp, 0), end) for tp, end in ends.items())
+        consumed = sum(min(lags[0].committed.get(tp, 0), end) for tp, end in ends.items())
         if first is None and consumed > 0:
             first = (now, consumed / total)
         if telemetry_s is None and consumed == total:
@@ -219,7 +231,6 @@ def _peak_rss_mb(pid: int) -> float:
 
 def _e2e(
     settings: Settings,
-    overrides: dict[str, Any],
     readings: int,
     workers: int = 1,
     config: Path = SAMPLE / "wattstream.toml",
@@ -227,15 +238,15 @@ def _e2e(
 ) -> dict[str, float]:
     """Run ``workers`` workers of one app (one consumer group) until they have read it all
     (``sinks``: each also runs the InfluxDB sink, as ``wattstream worker`` does)."""
-    work_dir = Path(overrides["data_dir"]).parent
+    work_dir = settings.data_dir.parent
     processes: list[subprocess.Popen[bytes]] = []
     logs = [work_dir / f"worker-{n}.log" for n in range(workers)]
     try:
         for n, log in enumerate(logs):
-            env = _environment(overrides, config)
+            env = worker_environment(settings, config)
             # Each worker its own line-protocol file (their sinks share one consumer group).
-            env["WATTSTREAM_INFLUX_FILE"] = f"{overrides['influx']['file']}.{n}"
-            env["WATTSTREAM_DATA_DIR"] = f"{overrides['data_dir']}-{n}"
+            env["WATTSTREAM_INFLUX_FILE"] = f"{settings.influx.file}.{n}"
+            env["WATTSTREAM_DATA_DIR"] = f"{settings.data_dir}-{n}"
             # The worker's log goes to a file: a pipe nobody reads blocks it once full.
             with log.open("wb") as log_file:
                 processes.append(
@@ -249,7 +260,9 @@ def _e2e(
                         preexec_fn=die_with_parent,
                     )
                 )
-        drained = asyncio.run(_watch_worker(settings, processes, timeout_s=900, with_sink=sinks))
+        drained = asyncio.run(
+            watch_drained(settings, processes, 900, worker_groups(settings, with_sink=sinks))
+        )
         rss_mb = max(_peak_rss_mb(worker.pid) for worker in processes)
     finally:
         for worker in processes:
@@ -258,9 +271,7 @@ def _e2e(
         if worker.returncode not in (0, -15):
             raise RuntimeError(f"worker failed: {log.read_text(errors='replace')[-2000:]}")
     return {
-        "e2e_readings_per_s": readings
-        * (1 - drained.consumed_at_first)
-        / (drained.done_s - drained.first_s),
+        "e2e_readings_per_s": drained.readings_per_s(readings),
         "worker_rss_mb": rss_mb,
         "tail_s": drained.done_s - drained.telemetry_s,
     }
@@ -324,16 +335,15 @@ def bench_e2e() -> dict[str, float]:
         settings = load_settings(**overrides)
         readings = asyncio.run(_load(settings))
         raw_msgs_per_s, messages = asyncio.run(_raw_consume(settings))
-        out = _e2e(settings, overrides, readings)
+        out = _e2e(settings, readings)
         # The same worker without its InfluxDB sink (``--no-sinks``), on topics of its own
         # (the fan-outs' would hold the first run's copies): what the sink's second read
         # and encoding of the telemetry costs the worker.
         agents_dir = Path(tmp) / "agents-only"
         agents_dir.mkdir()
-        agents_only = _overrides(broker, agents_dir)
-        agents_settings = load_settings(**agents_only)
+        agents_settings = load_settings(**_overrides(broker, agents_dir))
         asyncio.run(_load(agents_settings))
-        agents = _e2e(agents_settings, agents_only, readings, sinks=False)
+        agents = _e2e(agents_settings, readings, sinks=False)
         naive = asyncio.run(_faust_per_event(load_settings(**_overrides(broker, Path(tmp)))))
     return {
         "e2e_readings_per_s": out["e2e_readings_per_s"],
@@ -390,7 +400,7 @@ def bench_scale_out() -> dict[str, float]:
             overrides = _overrides(broker, run_dir)
             settings = load_settings(config, **overrides)
             readings = asyncio.run(_load(settings, telemetry, rounds=1))
-            out = _e2e(settings, overrides, readings, workers=workers, config=config)
+            out = _e2e(settings, readings, workers=workers, config=config)
             results[f"scale_out_{workers}_worker_readings_per_s"] = out["e2e_readings_per_s"]
             results[f"scale_out_{workers}_worker_tail_after_telemetry_s"] = out["tail_s"]
     results["scale_out_2_vs_1_worker"] = (

@@ -112,7 +112,7 @@ def bench_memory() -> dict[str, float]:
             settings = load_settings(config, **overrides)
             sent = asyncio.run(_load(settings, telemetry, rounds=1))
             assert sent == readings, (sent, readings)
-            out = _e2e(settings, overrides, readings, config=config)
+            out = _e2e(settings, readings, config=config)
     young = _detector_bytes_per_device(READINGS_PER_DEVICE * STEP.total_seconds() / 86400)
     mature = _detector_bytes_per_device(MATURE_DAYS)
     devices = SITES * DEVICES_PER_SITE

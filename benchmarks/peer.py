@@ -33,13 +33,20 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from benchmarks.e2e import SAMPLE, _e2e, _load, _overrides, _peak_rss_mb
+from benchmarks.e2e import (
+    SAMPLE,
+    Drained,
+    _e2e,
+    _load,
+    _overrides,
+    _peak_rss_mb,
+    watch_drained,
+)
 from pipeline import codec, kafka, topics
 from pipeline.local import EmbeddedBroker, die_with_parent, stop_process
 from pipeline.schemas import PriceTick
@@ -155,25 +162,10 @@ def run_peer(
 
 async def peer_drained(
     settings: Settings, group: str, process: subprocess.Popen[bytes], timeout_s: float
-) -> tuple[float, float, float]:
-    """(first-commit time, drained time, fraction of the telemetry consumed at first commit)."""
-    telemetry, prices = settings.topic(topics.TELEMETRY), settings.topic(topics.SITE_PRICES)
-    deadline = time.monotonic() + timeout_s
-    first: tuple[float, float] | None = None
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"the peer exited with {process.returncode}")
-        if time.monotonic() > deadline:
-            raise TimeoutError("the peer did not drain the telemetry in time")
-        now = time.perf_counter()
-        lag = await kafka.group_lag(settings, group, [telemetry, prices])
-        ends = {tp: end for tp, end in lag.end.items() if tp.topic == telemetry}
-        consumed = sum(min(lag.committed.get(tp, 0), end) for tp, end in ends.items())
-        if first is None and consumed > 0:
-            first = (now, consumed / sum(ends.values()))
-        if first is not None and lag.total == 0:
-            return first[0], now, first[1]
-        await asyncio.sleep(0.2)
+) -> Drained:
+    """Until the peer's group has committed all the telemetry and ``site-prices``."""
+    names = [settings.topic(topics.TELEMETRY), settings.topic(topics.SITE_PRICES)]
+    return await watch_drained(settings, [process], timeout_s, {group: names})
 
 
 def start_peer(
@@ -199,7 +191,7 @@ def _peer(
     output = f"{settings.topic_prefix}peer-decisions"
     process = start_peer(settings, group, config, work_dir, output)
     try:
-        first_s, done_s, consumed = asyncio.run(peer_drained(settings, group, process, 900))
+        drained = asyncio.run(peer_drained(settings, group, process, 900))
         rss_mb = _peak_rss_mb(process.pid)
         ids = asyncio.run(decision_ids(settings, output))
     except Exception as error:
@@ -208,7 +200,7 @@ def _peer(
     finally:
         stop_process(process, timeout_s=60)
     return {
-        "peer_quixstreams_readings_per_s": readings * (1 - consumed) / (done_s - first_s),
+        "peer_quixstreams_readings_per_s": drained.readings_per_s(readings),
         "peer_quixstreams_rss_mb": rss_mb,
     }, ids
 
@@ -241,7 +233,7 @@ def bench_peer() -> dict[str, float]:
         settings = load_settings(config, **overrides)
         readings = asyncio.run(_load(settings))
         # Agents only, as the peer: the InfluxDB sink is not part of the computation.
-        ours = _e2e(settings, overrides, readings, config=config, sinks=False)
+        ours = _e2e(settings, readings, config=config, sinks=False)
         ours_ids = asyncio.run(
             decision_ids(
                 settings, settings.topic(topics.DECISIONS), settings.topic(topics.COMMANDS)

@@ -3,7 +3,6 @@ and a worker with its sinks (the default) in the same app writes what they left 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.e2e import worker_environment
 from benchmarks.peer import arbitrage_only_config, decision_ids
 from ingest.replay import Replay
 from pipeline import kafka, topics
@@ -30,20 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 def running_worker(
     settings: Settings, config: Path, log: Path, *args: str
 ) -> Iterator[subprocess.Popen[bytes]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WATTSTREAM_")}
-    env.update(
-        WATTSTREAM_CONFIG=str(config),
-        WATTSTREAM_APP_ID=settings.app_id,
-        WATTSTREAM_BROKER=settings.broker or "",
-        WATTSTREAM_TOPIC_PREFIX=settings.topic_prefix,
-        WATTSTREAM_PARTITIONS=str(settings.partitions),
-        WATTSTREAM_STORE="memory",
-        WATTSTREAM_DATA_DIR=str(settings.data_dir),
-        WATTSTREAM_INFLUX_FILE=str(settings.influx.file),
-        WATTSTREAM_KAFKA_ONE_RECORD_PER_BATCH="true",
-        WATTSTREAM_KAFKA_FETCH_MAX_WAIT_MS="10",
-        WATTSTREAM_LOG_LEVEL="INFO",
-    )
+    env = worker_environment(settings, config, log_level="INFO")
     with log.open("wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "worker", *args],
