@@ -248,9 +248,7 @@ def site_state(
         states.forget()
 
     table.on_recover(forget_recovered)
-    registry = _site_registry(app, settings)
-    registry.tables.append(states)
-    registry.states.append(states)
+    _site_registry(app, settings).tables.append(states)
     return states
 
 
@@ -323,7 +321,6 @@ class _SiteSteps:
 
     steps: list[_Steps] = field(default_factory=list)
     tables: list[Flushable] = field(default_factory=list)
-    states: list[TableState[Any]] = field(default_factory=list)
 
     def handlers(self, site: str, kind: type[SiteInput]) -> list[Callable[..., Any]]:
         """The steps of ``site`` that take inputs of ``kind``, in registration order."""
@@ -357,8 +354,9 @@ def _site_registry(app: faust.App, settings: Settings) -> _SiteSteps:
 
         def forget_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
             # At the start of a rebalance: what this worker parsed may be another's next.
-            for states in registry.states:
-                states.forget()
+            for table in registry.tables:
+                if isinstance(table, TableState):
+                    table.forget()
 
         app.on_partitions_revoked.connect(forget_revoked)
     return registry
