@@ -7,9 +7,10 @@ used (with the reason and the original bytes) and let the stream go on.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import weakref
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -124,6 +125,32 @@ S = TypeVar("S")
 # delay a batch adds to an alert (SCRAM has its own agent and never waits).
 BATCH_MAX_MESSAGES = 500
 BATCH_WITHIN_S = 0.01
+
+
+@contextmanager
+def committed_only_when_done(events: Sequence[Any]) -> Iterator[None]:
+    """Leave ``events`` uncommitted unless the block finishes.
+
+    Faust's ``take_events`` acknowledges every event of a batch when the batch is left,
+    also when its processing raised or was cancelled (a stop or a crash mid-batch), and
+    an acknowledged offset is committed: the events whose outputs were never sent would
+    be lost. A message Faust believes acknowledged is not acknowledged again, and its
+    offset is never marked safe to commit, so marking the batch's messages so keeps the
+    partition's commits before the batch; the worker that reads the partition next
+    (this one after a restart, or another) processes the batch again.
+    """
+    try:
+        yield
+    except BaseException:
+        for event in events:
+            event.message.acked = True
+        raise
+
+
+async def delivered(sends: Sequence[Awaitable[Any]]) -> None:
+    """Wait until the broker has acknowledged every send (what ``Topic.send`` returned)."""
+    if sends:
+        await asyncio.gather(*sends)
 
 
 class Flushable(Protocol):
@@ -440,22 +467,30 @@ def _register_site_agent(app: faust.App, settings: Settings, registry: _SiteStep
 
     async def site_agents(stream: Any) -> None:
         async for events in stream.take_events(BATCH_MAX_MESSAGES, within=BATCH_WITHIN_S):
-            sends: list[tuple[bytes, SiteOutput]] = []
-            for event in events:
-                message = event.message
-                site = (message.key or b"").decode("utf-8", "replace")
-                with acting_for(event):
-                    if message.topic in internal:
-                        out = run_internal(message, site)
-                    else:
-                        out = await run_telemetry(event, site)
-                key = site.encode()
-                sends.extend((key, item) for item in out)
-            # State first, then outputs; the batch's messages are acknowledged after both.
-            for table in registry.tables:
-                table.flush()
-            for key, item in sends:
-                await outputs[type(item)].send(key=key, value=codec.encode(item))
+            with committed_only_when_done(events):
+                sends: list[tuple[bytes, SiteOutput]] = []
+                for event in events:
+                    message = event.message
+                    site = (message.key or b"").decode("utf-8", "replace")
+                    with acting_for(event):
+                        if message.topic in internal:
+                            out = run_internal(message, site)
+                        else:
+                            out = await run_telemetry(event, site)
+                    key = site.encode()
+                    sends.extend((key, item) for item in out)
+                # Outputs, delivered, before the state that says they were made: a crash
+                # between the two replays the batch on the older state, which makes them
+                # again (same ids). The other way round, the replay would find them made
+                # and they would never be sent. The messages are committed after both.
+                await delivered(
+                    [
+                        await outputs[type(item)].send(key=key, value=codec.encode(item))
+                        for key, item in sends
+                    ]
+                )
+                for table in registry.tables:
+                    table.flush()
 
     app.agent(source, name=f"{__name__}.site_agents", supervisor_strategy=AGENT_SUPERVISOR)(
         site_agents

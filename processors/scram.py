@@ -863,7 +863,7 @@ def register(app: faust.App, settings: Settings) -> None:
     slow step of the shared site agent ever delays it; undecodable telemetry is skipped
     here and dead-lettered once, by the shared site agent.
     """
-    from pipeline.streams import AGENT_SUPERVISOR, raw_topic
+    from pipeline.streams import AGENT_SUPERVISOR, delivered, raw_topic
 
     detectors = Detectors(settings)
     states = StateCache()
@@ -898,8 +898,12 @@ def register(app: faust.App, settings: Settings) -> None:
             prefix = "" if key == site else f"{site}/"
             state = states.load(key, table.get(key))
             out = detector.on_readings(state, readings, key_prefix=prefix)
+            sent = []
             for item in out:
                 target = alerts_topic if isinstance(item, Alert) else commands_topic
-                await target.send(key=site.encode(), value=codec.encode(item))
+                sent.append(await target.send(key=site.encode(), value=codec.encode(item)))
+            # Alerts delivered before the state that says they were raised (see
+            # pipeline.streams.site_agent): a crash between the two raises them again.
+            await delivered(sent)
             if (value := states.to_write(key, state)) is not None:
                 table[key] = value
