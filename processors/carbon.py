@@ -488,6 +488,9 @@ class CarbonState:
     emitted_until: str | None = None
     """End of the last emitted hour: later data for earlier hours is late."""
     last_intensity: tuple[float, float | None] | None = None
+    intensities_until: str | None = None
+    """End of the zone's latest intensity (ISO): its feed comes in time order, so an
+    hour before it that is not covered has a gap that will not be filled."""
     ignored_readings: int = 0
     estimated_hours: int = 0
 
@@ -504,6 +507,7 @@ class CarbonState:
             "pool": self.pool.to_json(),
             "emitted_until": self.emitted_until,
             "last_intensity": None if self.last_intensity is None else list(self.last_intensity),
+            "intensities_until": self.intensities_until,
             "ignored": self.ignored_readings,
             "estimated": self.estimated_hours,
         }
@@ -525,6 +529,7 @@ class CarbonState:
             pool=CarbonPool.from_json(data["pool"]),
             emitted_until=data["emitted_until"],
             last_intensity=None if last is None else (last[0], last[1]),
+            intensities_until=data.get("intensities_until"),
             ignored_readings=data["ignored"],
             estimated_hours=data["estimated"],
         )
@@ -611,6 +616,9 @@ class CarbonEngine:
         """Record an intensity of the site's zone (others are skipped); return the hours ready."""
         if intensity.zone != self.cfg.zone:
             return []
+        until = self.state.intensities_until
+        if until is None or intensity.end > datetime.fromisoformat(until):
+            self.state.intensities_until = _iso(intensity.end)
         done = self.state.emitted_until
         if done is not None and intensity.end <= datetime.fromisoformat(done):
             return []
@@ -724,18 +732,26 @@ class CarbonEngine:
                 break
             intensity = self._intensity(hour)
             if intensity is None:
+                # Filled only when no more can come: the feed is past the hour (a gap), or
+                # it has been silent for intensity_wait_s of the site's time. Not as soon
+                # as the site's time is past the hour: a worker catching up reads readings
+                # ahead of the intensities, and the hour must come out as it would live.
                 clock = datetime.fromisoformat(state.clock or key)
+                until = state.intensities_until
+                feed_past = until is not None and datetime.fromisoformat(until) > hour + HOUR
                 waited = clock >= hour + HOUR + timedelta(seconds=self.cfg.intensity_wait_s)
-                if not waited or state.last_intensity is None:
+                if not (feed_past or waited) or state.last_intensity is None:
                     break
                 intensity = HourIntensity(*state.last_intensity)
                 state.estimated_hours += 1
                 log.warning(
-                    "site=%s zone=%s no intensity for %s after %.0f s: last one used",
+                    "site=%s zone=%s no intensity for %s (%s): last one used",
                     self.site,
                     self.cfg.zone,
                     key,
-                    self.cfg.intensity_wait_s,
+                    f"the feed is at {until}"
+                    if feed_past
+                    else f"{self.cfg.intensity_wait_s:.0f} s",
                 )
             flows = state.hours.pop(key)
             certified = state.certified_kwh.pop(key, 0.0)

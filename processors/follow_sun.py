@@ -29,6 +29,7 @@ Plain Python (no Faust import).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
 PositiveFloat = Annotated[float, Field(gt=0)]
 Pct = Annotated[float, Field(ge=0, le=100)]
 ALERT_TYPE = "follow_the_sun"
+
+log = logging.getLogger(__name__)
 
 
 class FlexibleJob(BaseModel):
@@ -256,6 +259,9 @@ class GridFeedState:
     """Interval start -> (end, gCO2/kWh, renewable %)."""
     clock: datetime | None = None
     """The site's event time: its latest reading."""
+    intensities_until: datetime | None = None
+    """The end of the latest intensity of the zone: its feed comes in time order, so a gap
+    before it will not be filled."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -265,6 +271,7 @@ class GridFeedState:
                 s.isoformat(): [e.isoformat(), c, r] for s, (e, c, r) in self.intensities.items()
             },
             "clock": None if self.clock is None else self.clock.isoformat(),
+            "intensities_until": _iso_or_none(self.intensities_until),
         }
 
     @classmethod
@@ -282,7 +289,16 @@ class GridFeedState:
                 for s, (e, c, r) in data["intensities"].items()
             },
             clock=None if data["clock"] is None else datetime.fromisoformat(data["clock"]),
+            intensities_until=_datetime_or_none(data.get("intensities_until")),
         )
+
+
+def _iso_or_none(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _datetime_or_none(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
 
 
 class GridFeed:
@@ -292,13 +308,21 @@ class GridFeed:
     Prices come a day ahead and intensities may come late: an interval is judged once
     the site's latest reading is at or past its start, with the latest price of the
     interval and the time-weighted intensity over it. If the intensity does not cover
-    the interval yet, judging waits until the interval has ended, and then goes on with
-    what is known (no intensity: not clean), so one missing value never stalls the site.
-    A replayed or late value for a judged interval changes nothing.
+    the interval yet, judging waits until no more of it can come: the zone's feed (in
+    time order) has gone past the interval, or the site's event time is ``intensity_wait``
+    past its end (a silent feed, as in :class:`processors.carbon.CarbonEngine`); then it
+    goes on with what is known (no intensity: not clean), so one missing value never
+    stalls the site. What is judged depends on the data only, not on whether a reading
+    or an intensity reached the worker first (a worker catching up reads its topics at
+    their own pace), so a replay or a restart judges every interval the same way. A
+    replayed or late value for a judged interval changes nothing.
     """
 
-    def __init__(self, site: str, settings: FollowSunSettings) -> None:
+    def __init__(
+        self, site: str, settings: FollowSunSettings, intensity_wait: timedelta = timedelta(days=1)
+    ) -> None:
         self.rule = FollowSun(site, settings)
+        self.intensity_wait = intensity_wait
 
     def add_price(self, state: GridFeedState, tick: PriceTick) -> list[Alert | Command]:
         if not self._judged(state, tick.start):
@@ -314,6 +338,8 @@ class GridFeed:
                 intensity.co2_g_per_kwh,
                 intensity.renewable_share_pct,
             )
+        if state.intensities_until is None or intensity.end > state.intensities_until:
+            state.intensities_until = intensity.end
         return self._judge(state)
 
     def advance(self, state: GridFeedState, now: datetime) -> list[Alert | Command]:
@@ -335,14 +361,29 @@ class GridFeed:
                 break
             end, price = state.prices[start]
             co2, share, covered = self._intensity(state, start, end)
-            if not covered and clock < end:
-                break  # the intensity may still come
+            if not covered:
+                if not self._no_more_intensity(state, clock, end):
+                    break  # the intensity may still come
+                log.warning(
+                    "site=%s no intensity covers %s-%s (the feed is at %s, the site at %s): "
+                    "judged on what is known",
+                    self.rule.site,
+                    start.isoformat(),
+                    end.isoformat(),
+                    _iso_or_none(state.intensities_until),
+                    clock.isoformat(),
+                )
             del state.prices[start]
             out += self.rule.on_interval(state.rule, GridInterval(start, end, co2, share, price))
         last = state.rule.last_start
         if last is not None:
             state.intensities = {s: v for s, v in state.intensities.items() if v[0] > last}
         return out
+
+    def _no_more_intensity(self, state: GridFeedState, clock: datetime, end: datetime) -> bool:
+        """Whether an interval ending at ``end`` can still get intensity values."""
+        feed_past = state.intensities_until is not None and state.intensities_until > end
+        return feed_past or clock >= end + self.intensity_wait
 
     @staticmethod
     def _intensity(
@@ -381,12 +422,14 @@ def register(app: faust.App, settings: Settings) -> None:
         cfg = follow_sun_settings(site)
         if cfg is None:
             continue
-        if carbon_settings(site) is None:
+        carbon = carbon_settings(site)
+        if carbon is None:
             raise SettingsError(
                 f"sites[{site.id}].follow_sun needs sites[{site.id}].carbon.zone: the zone "
                 "whose carbon intensity it follows"
             )
-        feeds[site.id] = GridFeed(site.id, cfg)
+        # A silent feed is waited for as long as Scope 2 waits for it.
+        feeds[site.id] = GridFeed(site.id, cfg, timedelta(seconds=carbon.intensity_wait_s))
     if not feeds:
         return
     states = site_state(

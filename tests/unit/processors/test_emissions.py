@@ -351,6 +351,48 @@ def test_missing_intensity_falls_back_to_the_last_one_after_the_wait() -> None:
     assert hour2.grid_co2_g_per_kwh == 400.0
 
 
+def test_a_gap_in_the_feed_is_filled_once_a_later_intensity_has_come() -> None:
+    # The feed comes in time order: an intensity for hour 2 says hour 1's will not come.
+    engine = CarbonEngine(SITE, cfg(meter_devices=["meter-1"]))
+    engine.add_intensity(intensity(0, 100.0, 0.0))
+    out: list[EmissionsRecord] = []
+    for hour in range(4):
+        out += engine.add_readings([MeterReading(device="meter-1", ts=T0 + hour * H, power_kw=1.0)])
+    assert [r.start for r in out] == [T0]  # hour 1 waits (a day by default)
+    out = engine.add_intensity(intensity(2, 400.0, 0.0))
+    assert [(r.start, r.grid_co2_g_per_kwh) for r in out] == [(T0 + H, 100.0), (T0 + 2 * H, 400.0)]
+    assert engine.state.estimated_hours == 1
+    restored = CarbonState.from_json(json.loads(json.dumps(engine.state.to_json())))
+    assert restored.intensities_until == (T0 + 3 * H).isoformat()
+
+
+def test_records_do_not_depend_on_whether_readings_or_intensities_came_first() -> None:
+    """A worker catching up reads a site's readings ahead of its zone's intensities (they
+    come through another agent): within the wait, the records are the same either way."""
+    readings = [
+        [MeterReading(device="meter-1", ts=T0 + minute * timedelta(minutes=1), power_kw=1.5)]
+        for minute in range(0, 12 * 60, 15)
+    ]
+    intensities = [intensity(hour, 100.0 + 10 * hour, 30.0) for hour in range(12) if hour != 5]
+
+    def records(first_readings: bool) -> list[str]:
+        engine = CarbonEngine(SITE, cfg(meter_devices=["meter-1"]))
+        out: list[EmissionsRecord] = []
+        feeds = [readings, intensities] if first_readings else [intensities, readings]
+        for feed in feeds:
+            for item in feed:
+                out += (
+                    engine.add_readings(item)
+                    if isinstance(item, list)
+                    else engine.add_intensity(item)
+                )
+        return [r.model_dump_json() for r in out]
+
+    live = records(first_readings=False)
+    assert len(live) == 11  # hour 5 from hour 4's intensity (a gap), hour 11 still open
+    assert records(first_readings=True) == live
+
+
 def test_residual_mix_defaults_to_the_grid_average() -> None:
     engine = CarbonEngine(SITE, cfg(residual_mix_co2_g_per_kwh=None, meter_devices=["meter-1"]))
     engine.add_intensity(intensity(0, 250.0, 0.0))

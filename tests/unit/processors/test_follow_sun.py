@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.schemas import Alert, AlertStatus, CarbonIntensity, Command, PriceTick
 from pipeline.settings import SettingsError, SiteConfig
@@ -212,3 +215,76 @@ def test_a_missing_intensity_does_not_stall_the_site() -> None:
     assert feed.add_intensity(state, carbon(10, 90.0)) == []
     assert feed.add_price(state, price(10, 0.01)) == []
     assert T0 + 10 * HOUR not in state.prices
+
+
+def test_an_intensity_that_comes_after_the_sites_time_passed_its_hour_still_counts() -> None:
+    # A worker catching up may read a day of readings before the intensities: the hour
+    # waits for its intensity instead of being judged "not clean" for want of it.
+    feed, state = GridFeed("plant", SETTINGS), GridFeedState()
+    feed.add_price(state, price(10, 0.01))
+    assert feed.advance(state, T0 + 15 * HOUR) == []
+    assert T0 + 10 * HOUR in state.prices  # still waiting
+    out = feed.add_intensity(state, carbon(10, 90.0))
+    assert [(c[1], c[2]) for c in commands(out)] == [("start_job", T0 + 10 * HOUR)] * 2
+
+
+def test_a_silent_feed_is_waited_for_intensity_wait_then_the_hour_is_not_clean() -> None:
+    feed, state = GridFeed("plant", SETTINGS, intensity_wait=timedelta(hours=6)), GridFeedState()
+    feed.add_price(state, price(10, 0.01))
+    assert feed.advance(state, T0 + 16 * HOUR + timedelta(minutes=59)) == []
+    assert T0 + 10 * HOUR in state.prices
+    assert feed.advance(state, T0 + 17 * HOUR) == []  # 11:00 + 6 h: judged, not clean
+    assert state.prices == {} and state.rule.last_start == T0 + 10 * HOUR
+    # The feed's progress survives the table's JSON round trip.
+    feed.add_intensity(state, carbon(12, 90.0))
+    restored = GridFeedState.from_json(json.loads(json.dumps(state.to_json())))
+    assert restored.intensities_until == T0 + 13 * HOUR
+
+
+@given(st.randoms(use_true_random=False))
+@settings(max_examples=200, deadline=None)
+def test_the_windows_do_not_depend_on_which_input_reached_the_worker_first(
+    shuffle: random.Random,
+) -> None:
+    """Readings, prices and intensities each come in their own order; how the three
+    streams interleave (a worker catching up reads its topics at their own pace) must
+    not change a single output, as long as no feed is a day behind the others."""
+    hours = 30
+    shares = [85.0 if 6 <= h % 24 <= 16 else 20.0 for h in range(hours)]
+    prices = [0.04 if h % 24 != 12 else 0.30 for h in range(hours)]
+    streams = [
+        [("price", h) for h in range(hours)],
+        [("carbon", h) for h in range(hours) if h != 20],  # one hour never comes
+        [("clock", m) for m in range(0, hours * 60, 60)],
+    ]
+
+    def run_in(order: list[tuple[str, int]]) -> list[str]:
+        feed, state = (
+            GridFeed("plant", SETTINGS, intensity_wait=timedelta(hours=24)),
+            GridFeedState(),
+        )
+        out: list[Alert | Command] = []
+        for kind, n in order:
+            if kind == "price":
+                out += feed.add_price(state, price(n, prices[n]))
+            elif kind == "carbon":
+                out += feed.add_intensity(state, carbon(n, shares[n]))
+            else:
+                out += feed.advance(state, T0 + timedelta(minutes=n))
+        # The end of the data: the site's time goes on a day, the feeds have said all.
+        out += feed.advance(state, T0 + (hours + 24) * HOUR)
+        return [item.model_dump_json() for item in out]
+
+    in_time_order = sorted(
+        (item for stream in streams for item in stream),
+        key=lambda item: item[1] * (60 if item[0] != "clock" else 1),
+    )
+    # A random interleaving: each stream keeps its own order.
+    pending = [list(stream) for stream in streams]
+    interleaved = []
+    while any(pending):
+        stream = shuffle.choice([p for p in pending if p])
+        interleaved.append(stream.pop(0))
+    expected = run_in(in_time_order)
+    assert expected and any('"start_job"' in item for item in expected)
+    assert run_in(interleaved) == expected
