@@ -821,7 +821,7 @@ class Bucket:
     """Readings of one 5-minute event-time bucket, reduced to what an interval needs."""
 
     power: dict[str, list[float]] = field(default_factory=dict)
-    """``kind/device`` -> [sum of power_kw, number of readings]."""
+    """``kind/device`` -> [sum of power_kw, number of readings, ts_ms of the latest]."""
     first_soc: dict[str, list[float]] = field(default_factory=dict)
     """Battery device -> [ts_ms, soc_pct] of its earliest reading."""
     ev: dict[str, list[Any]] = field(default_factory=dict)
@@ -838,9 +838,15 @@ class Bucket:
         key = f"{reading.kind}/{reading.device}"
         power_kw = getattr(reading, "power_kw", None)
         if power_kw is not None:
-            total = self.power.setdefault(key, [0.0, 0])
+            total = self.power.setdefault(key, [0.0, 0, -1])
+            # A device's readings come in time order: one not after the latest is a
+            # duplicate, or a replay of what this state has counted already (a worker
+            # restarted after its state was written, before its input was committed).
+            if len(total) > 2 and ts_ms <= total[2]:
+                return
             total[0] += float(power_kw)
             total[1] += 1
+            total[2:] = [ts_ms]
         if isinstance(reading, BatteryReading):
             first = self.first_soc.get(reading.device)
             if first is None or ts_ms < first[0]:
@@ -864,7 +870,7 @@ def interval_inputs(
     first_soc: dict[str, list[float]] = {}
     ev: dict[str, list[Any]] = {}
     for bucket in buckets:
-        for key, (total, count) in bucket.power.items():
+        for key, (total, count, *_) in bucket.power.items():
             merged = sums.setdefault(key, [0.0, 0])
             merged[0] += total
             merged[1] += count

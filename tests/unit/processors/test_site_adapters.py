@@ -179,6 +179,26 @@ def test_intervals_are_planned_once_over_whatever_order_prices_arrive_in() -> No
     assert second.late == 5
 
 
+def test_readings_replayed_over_a_state_that_counted_them_change_no_plan() -> None:
+    """A worker restarted after writing its state but before committing its input reads
+    part of the input again: the interval's means must not count those readings twice."""
+    engine = allocation.SiteAllocation(alloc_cfg())
+    readings = one_hour()
+    closing = [MeterReading(device="m", ts=T0 + timedelta(hours=1), power_kw=1.0)]
+
+    once = allocation.AllocationState()
+    engine.on_price(once, T0, T0 + timedelta(hours=1), 0.1)
+    (want,) = engine.on_readings(once, readings + closing)
+
+    replayed = allocation.AllocationState()
+    engine.on_price(replayed, T0, T0 + timedelta(hours=1), 0.1)
+    half = len(readings) * 2 // 3
+    assert engine.on_readings(replayed, readings[:half]) == []
+    replayed = allocation.AllocationState.from_json(replayed.to_json())  # the table
+    (got,) = engine.on_readings(replayed, readings + closing)  # from the committed start
+    assert got.plan == want.plan
+
+
 def test_an_interval_with_no_battery_soc_uses_the_last_one_seen() -> None:
     engine = allocation.SiteAllocation(alloc_cfg())
     state = allocation.AllocationState()
