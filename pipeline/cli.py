@@ -43,7 +43,8 @@ class Context:
             sys.exit(EXIT_USAGE)
 
 
-def _setup_logging(level: str, file: Path | None = None) -> None:
+def setup_logging(level: str, file: Path | None = None) -> None:
+    """One line per record (time, level, logger, message) to stderr, or to ``file``."""
     handlers: list[logging.Handler] = []
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -110,17 +111,21 @@ def demo(obj: Context, telemetry: Path, prices: Path, carbon: Path, as_json: boo
     if obj.config is None and (DEFAULT_SAMPLE / "wattstream.toml").is_file():
         obj.config = DEFAULT_SAMPLE / "wattstream.toml"
     settings = obj.settings()
-    _setup_logging(settings.log_level, file=Path("out/demo.log"))
+    setup_logging(settings.log_level, file=Path("out/demo.log"))
     if not as_json:
         click.echo(
             f"wattstream demo: {telemetry.name} + {prices.name} + {carbon.name}"
             f" -> {influx_target(settings)}"
         )
         click.echo("logs: out/demo.log")
-    with DemoProgress(enabled=not as_json) as progress:
-        result = run_demo(
-            settings, telemetry, prices, on_progress=progress.update, carbon_path=carbon
-        )
+    try:
+        with DemoProgress(enabled=not as_json) as progress:
+            result = run_demo(
+                settings, telemetry, prices, on_progress=progress.update, carbon_path=carbon
+            )
+    except SettingsError as error:  # a site's processor section, checked as the app is built
+        click.echo(f"wattstream: {error}", err=True)
+        sys.exit(EXIT_USAGE)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
     else:
@@ -142,7 +147,9 @@ def demo(obj: Context, telemetry: Path, prices: Path, carbon: Path, as_json: boo
 def worker(obj: Context, sinks: bool) -> None:
     """Run the Faust agents and sinks until stopped (SIGTERM or Ctrl-C).
 
-    With no WATTSTREAM_BROKER it starts the embedded in-memory broker first.
+    With no WATTSTREAM_BROKER it starts the embedded in-memory broker first. A
+    configured broker that does not answer yet is waited for, with a warning per
+    attempt, for as long as WATTSTREAM_KAFKA_START_TIMEOUT_S says (0: no limit).
     """
     from faust.worker import Worker
 
@@ -151,19 +158,29 @@ def worker(obj: Context, sinks: bool) -> None:
     from pipeline.local import EmbeddedBroker, with_embedded_broker
 
     settings = obj.settings()
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level)
+    _check_paths(settings, sinks)
     broker = None
     if settings.embedded_broker:
         broker = EmbeddedBroker().start()
         settings = with_embedded_broker(settings, broker)
         log.warning("no WATTSTREAM_BROKER set: started the embedded broker at %s", broker.bootstrap)
     try:
+        # Building the app validates the sites' processor sections (no network yet): a
+        # bad one must stop start-up now, not after a long wait for the broker.
+        try:
+            app = create_app(settings, with_sinks=sinks)
+        except SettingsError as error:
+            click.echo(f"wattstream: {error}", err=True)
+            sys.exit(EXIT_USAGE)
         try:
             asyncio.run(_prepare_broker(settings))
+        except kafka.BrokerWaitStopped as error:
+            click.echo(f"wattstream: {error}", err=True)
+            sys.exit(0)
         except (ConnectionError, kafka.TopicMismatchError) as error:
             click.echo(f"wattstream: {error}", err=True)
             sys.exit(1)
-        app = create_app(settings, with_sinks=sinks)
         log.info(
             "worker %s starting: broker %s%s",
             settings.app_id,
@@ -181,10 +198,28 @@ def worker(obj: Context, sinks: bool) -> None:
             broker.stop()
 
 
+def _check_paths(settings: Settings, sinks: bool) -> None:
+    """The worker's directories can be made: else exit 2 naming the setting, no traceback."""
+    paths = [("data_dir", settings.data_dir)]
+    if sinks and settings.influx.url is None:
+        paths.append(("influx.file", settings.influx.file.parent))
+    for name, path in paths:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            variable = "WATTSTREAM_" + name.replace(".", "_").upper()
+            click.echo(
+                f"wattstream: invalid settings:\n  {name} (env {variable}): cannot create "
+                f"directory {str(path)!r}: {error.strerror or error}",
+                err=True,
+            )
+            sys.exit(EXIT_USAGE)
+
+
 async def _prepare_broker(settings: Settings) -> None:
     from pipeline import kafka
 
-    await kafka.wait_for_broker(settings)
+    await kafka.wait_for_broker_at_start(settings, long_running=True)
     created = await kafka.ensure_topics(settings)
     if created:
         log.info("created topics: %s", ", ".join(created))
@@ -276,7 +311,7 @@ def replay(
     if telemetry is None and prices is None:
         raise click.UsageError("give a TELEMETRY file, --prices FILE, or both")
     settings = obj.settings()
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level)
     _require_broker(settings, "replay")
     replayer = Replay(
         settings,
@@ -289,13 +324,17 @@ def replay(
     )
 
     async def run() -> Any:
+        # Long-running (--loop, or a paced file): it waits for a late broker like a worker.
+        await kafka.wait_for_broker_at_start(settings, long_running=True)
         _stop_on_signals(replayer.stop)
-        await kafka.wait_for_broker(settings)
         await kafka.ensure_topics(settings)
         return await replayer.run()
 
     try:
         stats = asyncio.run(run())
+    except kafka.BrokerWaitStopped as error:
+        click.echo(f"wattstream: {error}", err=True)
+        sys.exit(0)
     except (ReplayFileError, ConnectionError, kafka.TopicMismatchError) as error:
         click.echo(f"wattstream: {error}", err=True)
         sys.exit(1)
@@ -392,7 +431,7 @@ def record(
     from pipeline import kafka
 
     settings = obj.settings()
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level)
     _require_broker(settings, "record")
 
     def progress(stats: RecordStats) -> None:
@@ -416,8 +455,8 @@ def record(
         raise click.UsageError(str(error)) from None
 
     async def run() -> RecordStats:
+        await kafka.wait_for_broker_at_start(settings, long_running=False)
         _stop_on_signals(recorder.stop)
-        await kafka.wait_for_broker(settings)
         # A live capture of a topic nobody created yet would otherwise fail; creating
         # it is what the worker and replay do too.
         await kafka.ensure_topics(settings, recorder.specs)
@@ -425,6 +464,9 @@ def record(
 
     try:
         stats = asyncio.run(run())
+    except kafka.BrokerWaitStopped as error:
+        click.echo(f"wattstream: {error}", err=True)
+        sys.exit(0)
     except (ConnectionError, RecordError, kafka.TopicMismatchError) as error:
         click.echo(f"wattstream: {error}", err=True)
         sys.exit(1)
@@ -585,7 +627,7 @@ def simulate_mqtt(
 
     from ingest.simulators.mqtt_publisher import FleetConfig, HomeFleet
 
-    _setup_logging("WARNING")
+    setup_logging("WARNING")
     try:
         fleet = FleetConfig(homes=homes, evs=evs, annual_kwh=annual_kwh, pv_kwp=pv_kwp)
     except ValidationError as error:
@@ -653,7 +695,7 @@ def simulate_fusion(
         series = fusion_series(scenario, config.start or datetime.now(UTC), shot_s, step, seed=seed)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
-    _setup_logging("WARNING")
+    setup_logging("WARNING")
     if series.fault_onset is not None:
         click.echo(f"{scenario}: fault onset at {series.fault_onset.isoformat()}", err=True)
     config = config.model_copy(update={"start": series.readings[0].ts})
@@ -718,7 +760,7 @@ def simulate_sunspec(
         sim.meter(3, profile=meter_profile),
     ]
     server = sim.SunSpecServer(devices, host=host, port=port)
-    _setup_logging("WARNING")
+    setup_logging("WARNING")
 
     async def serve() -> None:
         await server.start()

@@ -4,7 +4,9 @@ Each connector has its own TOML file (``ingest/<name>.sample.toml`` shows
 every key with its default), like an input plugin's configuration; the
 deployment settings (broker, topics) come from ``--config`` / ``WATTSTREAM_*``
 as for every command. A connector configuration error exits 2 and names the
-key; an unreachable broker exits 1 with one clear line.
+key. A broker that does not answer is waited for, one warning line per attempt,
+without limit unless ``WATTSTREAM_KAFKA_START_TIMEOUT_S`` sets one (then it exits
+1 with one clear line); ``ingest tou``, a one-shot publish, waits at most 30 s.
 """
 
 from __future__ import annotations
@@ -55,7 +57,10 @@ def _config_error(path: Path, table: str, error: Exception) -> NoReturn:
 def run_connector(
     obj: Context, path: Path, table: str, build: Callable[[Settings, Path, str], Connector]
 ) -> None:
+    from pipeline.cli import setup_logging
+
     settings = obj.settings()
+    setup_logging(settings.log_level)
     if settings.embedded_broker:
         click.echo(
             "wattstream: connectors need a broker: set WATTSTREAM_BROKER "
@@ -69,13 +74,16 @@ def run_connector(
         _config_error(path, table, error)
     try:
         asyncio.run(_serve(settings, connector))
+    except kafka.BrokerWaitStopped as error:
+        click.echo(f"wattstream: {error}", err=True)
+        sys.exit(0)
     except (ConnectionError, kafka.TopicMismatchError) as error:
         click.echo(f"wattstream: {error}", err=True)
         sys.exit(1)
 
 
 async def _serve(settings: Settings, connector: Connector) -> None:
-    await kafka.wait_for_broker(settings)
+    await kafka.wait_for_broker_at_start(settings, long_running=True)
     await kafka.ensure_topics(settings)
     await connector.start()
     task = asyncio.create_task(connector.run())
@@ -182,7 +190,7 @@ def ingest_tou(
     ticks = tou_ticks(schedule, start, start + timedelta(days=days - 1), published_at=now)
 
     async def publish() -> None:
-        await kafka.wait_for_broker(settings)
+        await kafka.wait_for_broker_at_start(settings, long_running=False)
         await kafka.ensure_topics(settings)
         producer = kafka.producer(settings)
         await producer.start()
@@ -197,6 +205,9 @@ def ingest_tou(
 
     try:
         asyncio.run(publish())
+    except kafka.BrokerWaitStopped as error:
+        click.echo(f"wattstream: {error}", err=True)
+        sys.exit(0)
     except (ConnectionError, kafka.TopicMismatchError) as error:
         click.echo(f"wattstream: {error}", err=True)
         sys.exit(1)

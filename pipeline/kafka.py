@@ -9,16 +9,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
+import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    TopicAlreadyExistsError,
+)
 
 from pipeline import topics
+from pipeline.backoff import Backoff
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -161,47 +170,213 @@ async def _check_partitions(
         )
 
 
-async def wait_for_broker(settings: Settings, timeout_s: float = 30.0) -> None:
-    """Wait until the cluster answers a metadata request, retrying with backoff.
+ONE_SHOT_START_TIMEOUT_S = 30.0
+"""The longest a one-shot command (``record``, ``ingest tou``, ``demo``) waits for the
+broker: someone is waiting for its answer, and a typo in WATTSTREAM_BROKER should not
+look like a hang."""
+START_RETRY_INITIAL_S = 0.5
+"""First delay between attempts: a broker starting beside the worker answers within it."""
+ATTEMPT_TIMEOUT_S = 5.0
+"""One attempt's connect and metadata request; a blackholed address costs this much."""
 
-    Raises ConnectionError with the address tried, never a stack trace of
-    retries, when it does not answer in time.
+
+class BrokerWaitStopped(Exception):
+    """SIGINT or SIGTERM arrived while a command was waiting for the broker."""
+
+    retriable = False
+
+
+def start_timeout_s(settings: Settings, *, long_running: bool) -> float | None:
+    """How long a command waits for the broker at start-up; None: as long as it takes.
+
+    Long-running commands (worker, connectors, replay) wait ``kafka.start_timeout_s``
+    (0: without limit); one-shot ones at most :data:`ONE_SHOT_START_TIMEOUT_S`.
     """
-    # aiokafka logs every failed connect as an ERROR; while we wait, the one
-    # clear message below is what the operator needs.
-    aiokafka_log = logging.getLogger("aiokafka")
-    level = aiokafka_log.level
-    aiokafka_log.setLevel(logging.CRITICAL)
-    try:
-        last_error = await _probe_until_answered(settings, timeout_s)
-    finally:
-        aiokafka_log.setLevel(level)
-    if last_error is not None:
-        raise ConnectionError(
-            f"Kafka broker {bootstrap_servers(settings)!r} did not answer within "
-            f"{timeout_s:.0f} s ({last_error}); check WATTSTREAM_BROKER"
-        )
+    configured = settings.kafka.start_timeout_s or None
+    if long_running:
+        return configured
+    return min(configured, ONE_SHOT_START_TIMEOUT_S) if configured else ONE_SHOT_START_TIMEOUT_S
 
 
-async def _probe_until_answered(settings: Settings, timeout_s: float) -> Exception | None:
-    """None once the broker answers; the last error if it never did in ``timeout_s``."""
+async def wait_for_broker_at_start(settings: Settings, *, long_running: bool) -> None:
+    """:func:`wait_for_broker` for a command starting up, ended by SIGINT or SIGTERM.
+
+    Raises :class:`BrokerWaitStopped` on a signal (a clean stop, not an error), and
+    ConnectionError when the wait of :func:`start_timeout_s` is over. The handlers are
+    removed afterwards, so the command can install its own.
+    """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    delay_s = 0.1
-    last_error: Exception = TimeoutError("no attempt finished")
-    while loop.time() < deadline:
-        admin = AIOKafkaAdminClient(**client_kwargs(settings), request_timeout_ms=5000)
+    task = asyncio.current_task()
+    assert task is not None
+    signalled: list[signal.Signals] = []
+
+    def stop(sig: signal.Signals) -> None:
+        signalled.append(sig)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        await wait_for_broker(settings, start_timeout_s(settings, long_running=long_running))
+    except asyncio.CancelledError:
+        if not signalled:
+            raise
+        task.uncancel()
+        raise BrokerWaitStopped(
+            f"stopped by {signalled[0].name} while waiting for the Kafka broker "
+            f"{bootstrap_servers(settings)!r}"
+        ) from None
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def wait_for_broker(
+    settings: Settings, timeout_s: float | None = ONE_SHOT_START_TIMEOUT_S
+) -> None:
+    """Wait until the cluster answers a metadata request; ``timeout_s`` None: no limit.
+
+    Attempts follow a capped exponential backoff with jitter (0.5 s up to
+    ``kafka.start_retry_max_s``). Each failed one logs a single WARNING line: the
+    address, why it failed, the next delay and the setting to check, never a stack
+    trace, as a broker that is not up yet is an expected condition. When ``timeout_s``
+    is over, raises ConnectionError with the address and the last error.
+    """
+    address = bootstrap_servers(settings)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    backoff = Backoff(
+        START_RETRY_INITIAL_S, max(START_RETRY_INITIAL_S, settings.kafka.start_retry_max_s)
+    )
+    limit = (
+        "without a time limit (WATTSTREAM_KAFKA_START_TIMEOUT_S)"
+        if timeout_s is None
+        else f"at most {timeout_s:g} s"
+    )
+    attempt = 0
+    # aiokafka logs every failed connect as an ERROR, with a traceback for some; while we
+    # wait, the one line per attempt below is what the operator needs.
+    with _quiet("aiokafka"):
+        while True:
+            attempt += 1
+            attempt_s = ATTEMPT_TIMEOUT_S
+            if timeout_s is not None:  # the last attempt ends near the deadline
+                attempt_s = min(attempt_s, max(started + timeout_s - loop.time(), 0.1))
+            try:
+                await _probe(settings, attempt_s)
+            except _BrokerNotAnswering as error:
+                reason = str(error)
+            else:
+                if attempt > 1:
+                    log.info(
+                        "Kafka broker %r answered (attempt %d, after %.1f s)",
+                        address,
+                        attempt,
+                        loop.time() - started,
+                    )
+                return
+            waited_s = loop.time() - started
+            if timeout_s is not None and waited_s >= timeout_s:
+                raise ConnectionError(
+                    f"Kafka broker {address!r} did not answer within {timeout_s:.0f} s "
+                    f"({reason}); check WATTSTREAM_BROKER"
+                    + (
+                        ", or WATTSTREAM_KAFKA_START_TIMEOUT_S (0 waits without limit)"
+                        if settings.kafka.start_timeout_s
+                        else ""
+                    )
+                )
+            delay_s = backoff.next_delay_s()
+            if timeout_s is not None:
+                delay_s = min(delay_s, max(timeout_s - waited_s, 0.0))
+            log.warning(
+                "Kafka broker %r not answering (%s): attempt %d after %.1f s, next in %.1f s, "
+                "waiting %s; check WATTSTREAM_BROKER",
+                address,
+                reason,
+                attempt,
+                waited_s,
+                delay_s,
+                limit,
+            )
+            await asyncio.sleep(delay_s)
+
+
+class _BrokerNotAnswering(Exception):
+    """One attempt failed in a way that waiting may fix; the message says how."""
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _addresses(bootstrap: str) -> list[tuple[str, int]]:
+    addresses = []
+    for entry in bootstrap.split(","):
+        host, _, port = entry.strip().rpartition(":")
+        if not host:  # no port given: Kafka's default
+            host, port = port, "9092"
+        addresses.append((host.strip("[]"), int(port) if port.isdigit() else 9092))
+    return addresses
+
+
+def _reason(error: BaseException) -> str:
+    """Why a connection failed, in words: aiokafka only says "Unable to bootstrap"."""
+    if isinstance(error, socket.gaierror):
+        return f"unknown host ({error.strerror})"
+    if isinstance(error, TimeoutError):
+        return "no answer (timed out)"
+    if isinstance(error, OSError) and error.errno is not None:
+        return os.strerror(error.errno).lower()
+    return f"{type(error).__name__}: {error}"
+
+
+async def _probe(settings: Settings, timeout_s: float) -> None:
+    """One attempt: a TCP connect to each bootstrap address until one accepts, then a
+    metadata request. Raises :class:`_BrokerNotAnswering`, or ConnectionError for an
+    answer that retrying will not change."""
+    failures = []
+    for host, port in _addresses(bootstrap_servers(settings)):
         try:
-            await admin.start()
-            await admin.list_topics()
-            return None
-        except (KafkaConnectionError, OSError) as error:
-            last_error = error
-        finally:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+        except (OSError, TimeoutError) as error:
+            failures.append(f"{host}:{port}: {_reason(error)}")
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        break
+    else:
+        raise _BrokerNotAnswering(
+            failures[0].split(": ", 1)[1] if len(failures) == 1 else "; ".join(failures)
+        )
+    admin = AIOKafkaAdminClient(**client_kwargs(settings), request_timeout_ms=int(timeout_s * 1000))
+    try:
+        await asyncio.wait_for(_list_topics(admin), timeout_s + 1)
+    except (KafkaConnectionError, KafkaTimeoutError, OSError, TimeoutError) as error:
+        raise _BrokerNotAnswering(_reason(error)) from None
+    except KafkaError as error:
+        if error.retriable:
+            raise _BrokerNotAnswering(_reason(error)) from None
+        raise ConnectionError(
+            f"Kafka broker {bootstrap_servers(settings)!r} answered {type(error).__name__}: "
+            f"{error}; check the kafka settings (WATTSTREAM_KAFKA_*)"
+        ) from None
+    finally:
+        with contextlib.suppress(Exception):
             await admin.close()
-        await asyncio.sleep(delay_s)
-        delay_s = min(delay_s * 2, 2.0)
-    return last_error
+
+
+async def _list_topics(admin: AIOKafkaAdminClient) -> None:
+    await admin.start()
+    await admin.list_topics()
 
 
 @dataclass(frozen=True)

@@ -7,27 +7,44 @@ Lists such as ``sites`` are best written in TOML; from the environment they
 take JSON.
 
 Every invalid value fails at start-up with a :class:`SettingsError` that
-names the setting, its environment variable and the accepted values.
-Secrets are ``SecretStr``: they print as ``**********`` and never reach a log.
+names the setting (its TOML path, e.g. ``sites[0].batteries[0].capacity_kwh``),
+its environment variable and the accepted values; an unknown key in the file
+and an unknown ``WATTSTREAM_*`` variable are errors too, so a typo is never
+silently ignored. Secrets are ``SecretStr``: they print as ``**********``,
+never reach a log and are never echoed by an error; :meth:`Settings.redacted`
+also masks credentials in URLs (a webhook URL's path, which often is its key).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Iterator
+import re
+import ssl
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar, get_args
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from pydantic_settings import SettingsError as SourceError
 
 from pipeline.schemas import Identifier
 from pipeline.topics import TopicSpec
@@ -36,6 +53,18 @@ M = TypeVar("M", bound=BaseModel)
 
 ENV_PREFIX = "WATTSTREAM_"
 CONFIG_ENV = "WATTSTREAM_CONFIG"
+OTHER_VARIABLES = frozenset(
+    {
+        CONFIG_ENV,
+        # `wattstream dashboards push`'s token, read by that command only.
+        "WATTSTREAM_GRAFANA_TOKEN",
+        # deploy/compose.yaml's own variables (deploy/.env.example), not settings.
+        "WATTSTREAM_WORKERS",
+        "WATTSTREAM_CONFIG_FILE",
+    }
+)
+"""``WATTSTREAM_*`` variables that are not settings: every other one must be a setting."""
+MASK = "**********"
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
@@ -53,9 +82,15 @@ class KafkaSettings(_Area):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    """A secret: from ``WATTSTREAM_KAFKA_SASL_PASSWORD`` or the file, never shown."""
     ssl_cafile: Path | None = None
+    """CA bundle (PEM) that verifies the brokers; None: the system's. With SSL or
+    SASL_SSL each TLS file set is loaded at start-up, so a missing or bad one stops
+    the command naming it (paths are those of the machine that runs it)."""
     ssl_certfile: Path | None = None
+    """Client certificate (PEM) for mutual TLS."""
     ssl_keyfile: Path | None = None
+    """The client certificate's key, if not inside ``ssl_certfile``; needs ``ssl_certfile``."""
     session_timeout_s: PositiveFloat = 6.0
     """6 s is real Kafka's smallest allowed session (group.min.session.timeout.ms),
     and on the embedded broker a group join takes about half of it: with client
@@ -77,6 +112,51 @@ class KafkaSettings(_Area):
     gets 10 ms, as it holds a waiting fetch for much of its wait even when records
     arrive, so each agent hop would cost up to the whole wait (Faust's fixed 1500 ms
     made a replay crawl there). Use 10 for any tansu broker."""
+    start_timeout_s: Annotated[float, Field(ge=0)] = 0.0
+    """How long a long-running command (``wattstream worker``, ``wattstream ingest ...``
+    connectors, ``wattstream replay``) waits for the broker at start-up before it exits
+    with code 1 (``WATTSTREAM_KAFKA_START_TIMEOUT_S``). 0, the default, waits as long as
+    it takes: a broker that is late (started after the workers, restarting) is an
+    expected condition, not a crash, and a supervisor restarting the process in a loop
+    would only add noise. One-shot commands (``record``, ``ingest tou``, ``demo``) wait at
+    most 30 s, or this if it is shorter. [s]"""
+    start_retry_max_s: PositiveFloat = 10.0
+    """Backoff ceiling while waiting for the broker at start-up: attempts start 0.5 s
+    apart and double up to this, with jitter; so a broker that comes up is used within
+    about this long. [s]"""
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> Self:
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError(
+                "kafka.ssl_keyfile needs kafka.ssl_certfile (WATTSTREAM_KAFKA_SSL_CERTFILE)"
+            )
+        if self.security_protocol not in ("SSL", "SASL_SSL"):
+            return self
+        # Load the files now, as the clients will: a missing or bad PEM must stop start-up
+        # naming the setting, not crash the first connection with an ssl traceback.
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(
+                    f"kafka.{name} (WATTSTREAM_KAFKA_{name.upper()}): no such file {str(path)!r}"
+                )
+        try:
+            context = ssl.create_default_context(cafile=self.ssl_cafile)
+        except (ssl.SSLError, OSError) as error:
+            raise ValueError(
+                f"kafka.ssl_cafile (WATTSTREAM_KAFKA_SSL_CAFILE): cannot load "
+                f"{str(self.ssl_cafile)!r}: {error}"
+            ) from None
+        if self.ssl_certfile is not None:
+            try:
+                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+            except (ssl.SSLError, OSError) as error:
+                raise ValueError(
+                    "kafka.ssl_certfile / kafka.ssl_keyfile (WATTSTREAM_KAFKA_SSL_CERTFILE / "
+                    f"..._KEYFILE): cannot load {str(self.ssl_certfile)!r}: {error}"
+                ) from None
+        return self
 
     @model_validator(mode="after")
     def _sasl_needs_credentials(self) -> Self:
@@ -101,9 +181,11 @@ class InfluxSettings(_Area):
     retention_policy: str | None = None
     username: str | None = None
     password: SecretStr | None = None
+    """v1: the user's password; a secret, never shown."""
     org: str = "wattstream"
     bucket: str = "wattstream"
     token: SecretStr | None = None
+    """v2: the API token; a secret, never shown."""
     create_database: bool = True
     """v1 only: ``CREATE DATABASE`` at start-up (idempotent); off for read-only users."""
     file: Path = Path("out/influx.lp")
@@ -120,11 +202,19 @@ class InfluxSettings(_Area):
     """Backoff ceiling while InfluxDB is unreachable; offsets stay uncommitted meanwhile."""
     gzip: bool = True
 
-    @model_validator(mode="after")
-    def _url_scheme(self) -> Self:
-        if self.url is not None and not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"influx.url must start with http:// or https://, got {self.url!r}")
-        return self
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, url: str | None) -> str | None:
+        if url is None:
+            return url
+        check_url(url)
+        if urlsplit(url).password is not None:
+            # The sink logs its URL; credentials have settings of their own, kept secret.
+            raise ValueError(
+                "a password in the URL would be logged; use influx.username and "
+                "influx.password (or influx.token) instead"
+            )
+        return url
 
     @model_validator(mode="after")
     def _buffer_holds_a_batch(self) -> Self:
@@ -220,21 +310,24 @@ class SiteConfig(_Area):
     follow_sun: dict[str, Any] | None = None
     """``[sites.follow_sun]``: see processors/follow_sun.py (FollowSunSettings)."""
 
-    @model_validator(mode="after")
-    def _unique_devices(self) -> Self:
-        devices = [b.device for b in self.batteries]
+    @field_validator("batteries")
+    @classmethod
+    def _unique_devices(cls, batteries: list[BatteryConfig]) -> list[BatteryConfig]:
+        devices = [b.device for b in batteries]
         duplicates = sorted({d for d in devices if devices.count(d) > 1})
         if duplicates:
-            raise ValueError(f"site {self.id}: duplicate battery devices {duplicates}")
-        return self
+            raise ValueError(f"duplicate battery devices {duplicates}")
+        return batteries
 
 
 class WebhookSettings(_Area):
     """Alert webhooks (``WATTSTREAM_WEBHOOK_*``). With no ``url``, no webhook is sent."""
 
     url: str | None = None
+    """Where alerts are POSTed. Often a secret itself (Slack's carry their key in the
+    path): ``config show`` prints only its scheme and host, and so does the sink's log."""
     secret: SecretStr | None = None
-    """HMAC-SHA256 key of the signature header; required with a URL."""
+    """HMAC-SHA256 key of the signature header; required with a URL. A secret, never shown."""
     min_severity: Literal["info", "warning", "critical"] = "warning"
     cooldown_s: Annotated[float, Field(ge=0.0)] = 300.0
     """A new alert of the same type on the same device within this time is not sent
@@ -249,15 +342,17 @@ class WebhookSettings(_Area):
     template: Literal["json", "slack"] = "json"
     """``json``: the alert as it is on the topic; ``slack``: ``{"text": ...}`` for chat."""
 
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, url: str | None) -> str | None:
+        if url is not None:
+            check_url(url)
+        return url
+
     @model_validator(mode="after")
     def _signed(self) -> Self:
-        if self.url is not None:
-            if not self.url.startswith(("http://", "https://")):
-                raise ValueError(
-                    f"webhook.url must start with http:// or https://, got {self.url!r}"
-                )
-            if self.secret is None or not self.secret.get_secret_value():
-                raise ValueError("webhook.url needs webhook.secret (WATTSTREAM_WEBHOOK_SECRET)")
+        if self.url is not None and (self.secret is None or not self.secret.get_secret_value()):
+            raise ValueError("webhook.url needs webhook.secret (WATTSTREAM_WEBHOOK_SECRET)")
         return self
 
 
@@ -305,13 +400,14 @@ class Settings(BaseSettings):
     webhook: WebhookSettings = WebhookSettings()
     sites: list[SiteConfig] = Field(default_factory=list)
 
-    @model_validator(mode="after")
-    def _unique_sites(self) -> Self:
-        ids = [s.id for s in self.sites]
+    @field_validator("sites")
+    @classmethod
+    def _unique_sites(cls, sites: list[SiteConfig]) -> list[SiteConfig]:
+        ids = [s.id for s in sites]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"duplicate site ids {duplicates}")
-        return self
+        return sites
 
     @classmethod
     def settings_customise_sources(
@@ -343,8 +439,19 @@ class Settings(BaseSettings):
         return spec.full_name(self.topic_prefix)
 
     def redacted(self) -> dict[str, Any]:
-        """The settings as JSON-able data, secrets masked: safe to log or print."""
-        return self.model_dump(mode="json")
+        """The settings as JSON-able data, secrets masked: safe to log or print.
+
+        ``SecretStr`` fields dump as ``**********``; URLs lose any password, the
+        query values that look like keys, and, for the webhook, everything after the host.
+        """
+        data = self.model_dump(mode="json")
+        if self.influx.url is not None:
+            data["influx"]["url"] = mask_url(self.influx.url)
+        if self.webhook.url is not None:
+            data["webhook"]["url"] = mask_url(self.webhook.url, keep_path=False)
+        if self.broker is not None:
+            data["broker"] = mask_url(self.broker)
+        return data
 
 
 class SettingsError(Exception):
@@ -362,17 +469,160 @@ def _env_name(loc: tuple[int | str, ...]) -> str:
     return ENV_PREFIX + "_".join(head[:2]).upper()
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds, also inside ``list[...]`` or ``... | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for inner in get_args(annotation):
+        if (model := _model_in(inner)) is not None:
+            return model
+    return None
+
+
+def _field_at(loc: tuple[int | str, ...]) -> tuple[type[BaseModel] | None, str | None]:
+    """The model that holds the setting at ``loc`` and the setting's name (None: no such)."""
+    model: type[BaseModel] | None = Settings
+    names = [part for part in loc if isinstance(part, str)]
+    for name in names[:-1]:
+        field = model.model_fields.get(name) if model is not None else None
+        model = _model_in(field.annotation) if field is not None else None
+    return model, names[-1] if names else None
+
+
+def _is_secret(loc: tuple[int | str, ...]) -> bool:
+    model, name = _field_at(loc)
+    field = model.model_fields.get(name) if model is not None and name is not None else None
+    return field is not None and SecretStr in (field.annotation, *get_args(field.annotation))
+
+
+def _shown_input(item: Any) -> str:
+    """``; got <value>`` for an error, or nothing where the value must not be echoed."""
+    loc, value = tuple(item["loc"]), item.get("input")
+    if item["type"] in ("missing", "extra_forbidden") or isinstance(value, dict | list):
+        # An unknown key may be a misspelt secret: its name is what matters.
+        return ""
+    if _is_secret(loc) or loc == ("webhook", "url"):
+        return f"; got {MASK}"
+    if loc in (("influx", "url"), ("broker",)) and isinstance(value, str):
+        return f"; got {mask_url(value)!r}"
+    return f"; got {value!r}"
+
+
+def _suggestion(loc: tuple[int | str, ...]) -> str:
+    model, name = _field_at(loc)
+    if model is None or name is None:
+        return ""
+    close = difflib.get_close_matches(name, list(model.model_fields), n=1)
+    return f" (did you mean {setting_path((*loc[:-1], close[0]))}?)" if close else ""
+
+
+def _describe_item(item: Any) -> str:
+    loc = tuple(item["loc"])
+    message = item["msg"].removeprefix("Value error, ")
+    if item["type"] == "extra_forbidden":
+        message = "unknown setting" + _suggestion(loc)
+    setting = setting_path(loc)
+    if item["type"] == "value_error" and isinstance(item.get("input"), dict):
+        # A check across a section's settings: its message names them.
+        return f"  {setting}: {message}"
+    return f"  {setting} (env {_env_name(loc)}): {message}{_shown_input(item)}"
+
+
 def _describe(error: ValidationError) -> str:
+    return "invalid settings:\n" + "\n".join(_describe_item(item) for item in error.errors())
+
+
+def env_setting(variable: str) -> tuple[str, ...] | None:
+    """The setting a ``WATTSTREAM_*`` variable sets, split as the environment source
+    splits it (at the first ``_`` after the area); None if it sets none."""
+    if not variable.upper().startswith(ENV_PREFIX):
+        return None
+    key = variable[len(ENV_PREFIX) :].lower()
+    if key in Settings.model_fields:
+        return (key,)
+    area, _, name = key.partition("_")
+    field = Settings.model_fields.get(area)
+    model = _model_in(field.annotation) if field is not None else None
+    if model is not None and area != "sites" and name in model.model_fields:
+        return (area, name)
+    return None
+
+
+def _section_names() -> list[str]:
+    """The sections set field by field from the environment (``sites`` takes JSON)."""
+    return [
+        name
+        for name, field in Settings.model_fields.items()
+        if name != "sites" and _model_in(field.annotation) is not None
+    ]
+
+
+def _env_names() -> list[str]:
+    """Every variable that sets something, for "did you mean"."""
+    names = [ENV_PREFIX + name.upper() for name in Settings.model_fields]
+    for area in _section_names():
+        model = _model_in(Settings.model_fields[area].annotation)
+        assert model is not None
+        names += [f"{ENV_PREFIX}{area}_{name}".upper() for name in model.model_fields]
+    return names
+
+
+def _unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A line per ``WATTSTREAM_*`` variable that sets nothing: a typo must not pass unseen.
+
+    The environment source ignores such variables, except those under a section
+    (``WATTSTREAM_INFLUX_URLL``), which the section's model already reports."""
+    sections = {ENV_PREFIX + name.upper() + "_" for name in _section_names()}
     lines = []
-    for item in error.errors():
-        loc = tuple(item["loc"])
-        setting = ".".join(str(p) for p in loc) or "(settings)"
-        message = item["msg"]
-        got = "" if item["type"] == "missing" else f"; got {item.get('input')!r}"
-        if isinstance(item.get("input"), dict):
-            got = ""
-        lines.append(f"  {setting} (env {_env_name(loc)}): {message}{got}")
-    return "invalid settings:\n" + "\n".join(lines)
+    for variable in sorted(environ):
+        upper = variable.upper()
+        if (
+            upper.startswith(ENV_PREFIX)
+            and environ[variable] != ""  # an empty variable counts as unset
+            and upper not in OTHER_VARIABLES
+            and not upper.startswith(tuple(sections))
+            and env_setting(variable) is None
+        ):
+            close = difflib.get_close_matches(variable.upper(), _env_names(), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            lines.append(f"  {variable}: not a wattstream setting{hint}")
+    return lines
+
+
+def _source_error(error: SourceError) -> str:
+    """A value the environment source could not parse (JSON of a list or a section)."""
+    field = re.search(r'field "([^"]+)"', str(error))
+    name = field.group(1) if field else "?"
+    cause = f": {error.__cause__}" if error.__cause__ is not None else ""
+    return f"invalid settings:\n  {name} (env {ENV_PREFIX}{name.upper()}): not valid JSON{cause}"
+
+
+def check_url(url: str) -> None:
+    """An http(s) URL with a host, or a ValueError that does not echo it (it may hold a key)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError("has no host")
+
+
+_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?[^/?#@]*@")
+_SECRET_QUERY = re.compile(
+    r"(?i)((?:^|[&;])[^=&;]*(?:token|key|secret|passw|pwd|sig|auth|credential)[^=&;]*=)[^&;]*"
+)
+
+
+def mask_url(url: str, *, keep_path: bool = True) -> str:
+    """``url`` safe to print: no user or password, query values that look like keys masked;
+    with ``keep_path=False`` only ``scheme://host[:port]`` (and a mask for the rest)."""
+    text = _USERINFO.sub(lambda match: (match.group(1) or "") + MASK + "@", url, count=1)
+    if not keep_path:
+        parts = urlsplit(text)
+        rest = f"/{MASK}" if parts.path.strip("/") or parts.query or parts.fragment else ""
+        host = parts.netloc.rsplit("@", 1)[-1]
+        return f"{parts.scheme}://{host}{rest}" if parts.scheme and host else MASK
+    base, mark, query = text.partition("?")
+    return base + mark + _SECRET_QUERY.sub(lambda match: match.group(1) + MASK, query)
 
 
 def check_soc_range(device: str, soc_min_pct: float, soc_max_pct: float) -> None:
@@ -413,7 +663,8 @@ def validate_section(model: type[M], where: str, data: Any) -> M:
         for item in error.errors():
             got = item.get("input")
             shown = "" if item["type"] == "missing" or isinstance(got, dict) else f"; got {got!r}"
-            lines.append(f"  {setting_path(tuple(item['loc']), where)}: {item['msg']}{shown}")
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"  {setting_path(tuple(item['loc']), where)}: {message}{shown}")
         raise SettingsError("invalid settings:\n" + "\n".join(lines)) from None
 
 
@@ -432,10 +683,17 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
     path = Path(path_text) if path_text else None
     if path is not None and not path.is_file():
         raise SettingsError(f"config file {str(path)!r} does not exist (--config or {CONFIG_ENV})")
+    unknown = _unknown_variables(os.environ)
     try:
         with _using_config(path):
-            return Settings(**overrides)
+            settings = Settings(**overrides)
     except ValidationError as error:
-        raise SettingsError(_describe(error)) from None
+        lines = _describe(error).splitlines()
+        raise SettingsError("\n".join([lines[0], *unknown, *lines[1:]])) from None
+    except SourceError as error:
+        raise SettingsError(_source_error(error)) from None
     except ValueError as error:  # TOML syntax errors surface as ValueError subclasses
         raise SettingsError(f"config file {str(path)!r}: {error}") from None
+    if unknown:
+        raise SettingsError("invalid settings:\n" + "\n".join(unknown))
+    return settings
