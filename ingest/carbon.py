@@ -31,10 +31,13 @@ from pydantic import Field, ValidationError
 
 from ingest.entsoe import DocumentError
 from ingest.prices import (
+    EXTRA_CELLS,
     Feed,
     FeedConfig,
     Parsed,
     bad_row,
+    cell_number,
+    check_row,
     fill_ends,
     parse_instant,
     sniff_format,
@@ -92,7 +95,8 @@ def intensity_from_mix(generation: Mapping[str, float]) -> tuple[float, float]:
         raise ValueError("total generation is zero")
     co2 = sum(amount * EMISSION_FACTORS_G_PER_KWH[f] for f, amount in generation.items())
     renewable = sum(amount for f, amount in generation.items() if f in RENEWABLE_FUELS)
-    return co2 / total, 100.0 * renewable / total
+    # min: an all-renewable mix can round to 100.00000000000001 %, which Percent refuses.
+    return co2 / total, min(100.0, 100.0 * renewable / total)
 
 
 def parse_carbon(
@@ -113,7 +117,7 @@ def parse_carbon(
     rows = table_rows(raw, detected, "intensity")
     if not rows:
         raise DocumentError("carbon table has no rows")
-    columns = set().union(*(row for row in rows if isinstance(row, dict)))
+    columns = set().union(*(row for row in rows if isinstance(row, dict))) - {EXTRA_CELLS}
     mix = "co2_g_per_kwh" not in columns
     if mix:
         unknown = sorted(columns - _ROW_KEYS - set(EMISSION_FACTORS_G_PER_KWH))
@@ -130,8 +134,7 @@ def parse_carbon(
     by_zone: dict[str, list[tuple[int, dict[str, Any], Any]]] = {}
     for number, row in enumerate(rows, start=1):
         try:
-            if not isinstance(row, dict):
-                raise ValueError(f"expected an object, got {row!r}")
+            check_row(row)
             start = parse_instant(row.get("time"), "time")
             row_zone = row.get("zone", zone)
             if row_zone is None:
@@ -165,6 +168,8 @@ def _record(
     end = parse_instant(row["end"], "end") if "end" in row else default_end
     if end is None:
         raise ValueError("a single row needs an 'end'")
+    if end <= start:
+        raise ValueError(f"end {end.isoformat()} must be after start {start.isoformat()}")
     if "co2_g_per_kwh" in row:
         co2 = _number(row, "co2_g_per_kwh")
         share = _number(row, "renewable_share_pct") if "renewable_share_pct" in row else None
@@ -184,10 +189,7 @@ def _record(
 
 
 def _number(row: dict[str, Any], name: str) -> float:
-    try:
-        return float(row[name])
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} {row[name]!r} is not a number") from None
+    return cell_number(row, name)
 
 
 class CarbonFeedConfig(FeedConfig):

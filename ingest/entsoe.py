@@ -62,6 +62,9 @@ EIC_MARKETS: dict[str, str] = {
 _PER_KWH_DIVISOR: dict[str, float] = {"MWH": 1000.0, "KWH": 1.0}
 
 _RESOLUTION = re.compile(r"^PT(?:(\d+)H)?(?:(\d+)M)?$")
+# Most steps one Period may hold: a leap year of 15-minute steps. An A03 curve fills
+# every step from a single Point, so without a bound a few bytes could ask for billions.
+MAX_PERIOD_STEPS = 366 * 24 * 4
 
 
 class DocumentError(DecodeError):
@@ -128,8 +131,11 @@ def _resolution(text: str, where: str) -> timedelta:
         raise DocumentError(
             f"{where}: resolution {text!r} not supported (expected e.g. PT15M, PT30M, PT60M)"
         )
-    hours, minutes = (int(g) if g else 0 for g in match.groups())
-    step = timedelta(hours=hours, minutes=minutes)
+    try:
+        hours, minutes = (int(g) if g else 0 for g in match.groups())
+        step = timedelta(hours=hours, minutes=minutes)
+    except (OverflowError, ValueError):  # more days than timedelta holds, or 4300+ digits
+        raise DocumentError(f"{where}: resolution {text[:40]!r} is out of range") from None
     if step <= timedelta(0):
         raise DocumentError(f"{where}: resolution {text!r} is zero")
     return step
@@ -243,6 +249,11 @@ def _period_ticks(
         raise DocumentError(
             f"{where}: interval {start.isoformat()}..{end.isoformat()} is not a whole "
             f"number of {step} steps"
+        )
+    if slots > MAX_PERIOD_STEPS:
+        raise DocumentError(
+            f"{where}: interval {start.isoformat()}..{end.isoformat()} has {slots} steps "
+            f"of {step}; at most {MAX_PERIOD_STEPS} (a year of 15-minute steps) are read"
         )
     prices: dict[int, float] = {}
     for point_index, point in enumerate(_children(period, "Point"), start=1):

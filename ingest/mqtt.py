@@ -389,7 +389,10 @@ class PayloadParser:
         else:
             items = self._line_items(payload, result)
         for label, routing, fields, ts in items:
-            self._add(result, label, {**route, **routing}, fields, ts or received_at)
+            # Only an absent (or null) time is the receive time: "" or 0 is the payload's own.
+            self._add(
+                result, label, {**route, **routing}, fields, received_at if ts is None else ts
+            )
         return result
 
     # Each item: (label for reasons, routing overrides, fields, ts or None).
@@ -423,6 +426,8 @@ class PayloadParser:
             for key in _ROUTING_KEYS:
                 if key in fields:
                     value = fields.pop(key)
+                    if value is None:  # null overrides nothing (it is not the device "None")
+                        continue
                     routing[key] = value if isinstance(value, str) else repr(value)
             present = [key for key in _TIME_KEYS if key in fields]
             if len(present) > 1:
@@ -460,7 +465,17 @@ class PayloadParser:
             ts = None
             if point["time"] is not None:
                 ns = point["time"] * _NS_PER_UNIT[self.config.line_protocol_precision]
-                ts = _EPOCH + timedelta(microseconds=ns // 1000)
+                try:
+                    ts = _EPOCH + timedelta(microseconds=ns // 1000)
+                except OverflowError:  # e.g. a nanosecond clock read as seconds: year > 9999
+                    result.rejections.append(
+                        Rejection(
+                            f"{label}timestamp {point['time']} "
+                            f"({self.config.line_protocol_precision}) is out of range",
+                            "LineProtocolError",
+                        )
+                    )
+                    continue
             found = True
             yield label, routing, dict(point["fields"]), ts
         if not found and not result.rejections:

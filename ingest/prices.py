@@ -71,6 +71,10 @@ log = logging.getLogger(__name__)
 
 COMPONENT = "ingest.prices"
 
+# Where a CSV row's cells beyond the header go (csv.DictReader would key them by None,
+# which neither sorts with the column names nor encodes as JSON): the row is rejected.
+EXTRA_CELLS = "(cells beyond the header)"
+
 # Price columns -> divisor to a price per kWh. The first one present in a row wins.
 PRICE_COLUMNS: dict[str, float] = {
     "price_per_kwh": 1.0,  # currency/kWh, as on the wire
@@ -110,11 +114,18 @@ def table_rows(raw: bytes, fmt: Literal["csv", "json"], list_key: str) -> list[d
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as error:
             raise DocumentError(f"CSV is not UTF-8: {error}", "UnicodeDecodeError") from None
-        reader = csv.DictReader(io.StringIO(text))
-        if not reader.fieldnames:
-            raise DocumentError("CSV has no header row")
-        # Empty cells mean "absent", like a missing JSON key.
-        return [{k: v for k, v in row.items() if v not in (None, "")} for row in reader]
+        reader = csv.DictReader(io.StringIO(text), restkey=EXTRA_CELLS)
+        try:
+            if not reader.fieldnames:
+                raise DocumentError("CSV has no header row")
+            # Empty cells mean "absent", like a missing JSON key (empty cells past the
+            # header too: a trailing comma).
+            return [
+                {k: v for k, v in row.items() if v not in (None, "") and not _blanks(v)}
+                for row in reader
+            ]
+        except csv.Error as error:  # e.g. a cell longer than the csv module's field limit
+            raise DocumentError(f"malformed CSV: {error}", "CSVError") from None
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
@@ -128,6 +139,10 @@ def table_rows(raw: bytes, fmt: Literal["csv", "json"], list_key: str) -> list[d
     if not isinstance(data, list):
         raise DocumentError(f"JSON must be a list of rows or an object with {list_key!r}")
     return data
+
+
+def _blanks(value: Any) -> bool:
+    return isinstance(value, list) and not any(value)
 
 
 def parse_instant(value: Any, name: str, naive_zone: tzinfo | None = None) -> datetime:
@@ -146,18 +161,22 @@ def parse_instant(value: Any, name: str, naive_zone: tzinfo | None = None) -> da
         if naive_zone is None:
             raise ValueError(f"{name} {value!r} has no UTC offset")
         parsed = parsed.replace(tzinfo=naive_zone)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+01:00 is before the first instant in UTC
+        raise ValueError(f"{name} {value!r} is out of range in UTC") from None
 
 
 def fill_ends(starts: Sequence[datetime]) -> list[datetime | None]:
     """Default interval ends: start + the smallest step between distinct starts; None if
-    there is a single start (its length is unknowable)."""
+    there is a single start (its length is unknowable) or the end would be after 9999."""
     ordered = sorted(set(starts))
     steps = [b - a for a, b in itertools.pairwise(ordered)]
     if not steps:
         return [None] * len(starts)
     step = min(steps)
-    return [s + step for s in starts]
+    last = datetime.max.replace(tzinfo=UTC) - step
+    return [s + step if s <= last else None for s in starts]
 
 
 def parse_prices(
@@ -182,6 +201,7 @@ def parse_prices(
         raise DocumentError(f"{fmt.upper()} document has no price rows")
     # Across all rows: a blank cell is an absent key, and a history may start with holes.
     columns: set[str] = set().union(*(row for row in rows if isinstance(row, dict)))
+    columns.discard(EXTRA_CELLS)
     if "time" not in columns or not any(c in columns for c in PRICE_COLUMNS):
         raise DocumentError(
             f"rows have keys {sorted(columns)}; prices need 'time' and one of "
@@ -192,8 +212,7 @@ def parse_prices(
     good: list[tuple[int, dict[str, Any], datetime]] = []
     for number, row in enumerate(rows, start=1):
         try:
-            if not isinstance(row, dict):
-                raise ValueError(f"expected an object, got {row!r}")
+            check_row(row)
             good.append((number, row, parse_instant(row.get("time"), "time", naive_zone)))
         except ValueError as error:
             rejected.append((number, bad_row(number, row, str(error))))
@@ -232,14 +251,11 @@ def _tick(
     column = next((c for c in PRICE_COLUMNS if row.get(c) is not None), None)
     if column is None:
         raise ValueError(f"no price ({' or '.join(PRICE_COLUMNS)})")
-    try:
-        # Rounded so /1000 does not turn 89.42 into 0.08942000000000001 on the wire.
-        price = round(float(row[column]) / PRICE_COLUMNS[column], 10)
-    except (TypeError, ValueError):
-        raise ValueError(f"{column} {row[column]!r} is not a number") from None
+    # Rounded so /1000 does not turn 89.42 into 0.08942000000000001 on the wire.
+    price = round(cell_number(row, column) / PRICE_COLUMNS[column], 10)
     end = parse_instant(row["end"], "end", naive_zone) if "end" in row else default_end
     if end is None:
-        raise ValueError("a single price needs an 'end'")
+        raise ValueError("needs an 'end' (a single price, or one ending after 9999, has none)")
     published = row.get("published_at")
     return PriceTick(
         market=market,
@@ -251,6 +267,25 @@ def _tick(
         # A price is known no later than its interval starts: a safe default for strategies.
         published_at=(parse_instant(published, "published_at", naive_zone) if published else start),
     )
+
+
+def check_row(row: Any) -> None:
+    """Raise ValueError for a table row that is not an object or has cells beyond the header."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected an object, got {row!r}")
+    if EXTRA_CELLS in row:
+        raise ValueError(f"more cells than the header: {row[EXTRA_CELLS]!r} beyond it")
+
+
+def cell_number(row: dict[str, Any], name: str) -> float:
+    """A row's cell as a float: a number, or text that is one (JSON ``true`` is not)."""
+    value = row[name]
+    try:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} {value!r} is not a number") from None
 
 
 def bad_row(number: int, row: Any, reason: str) -> Rejected:

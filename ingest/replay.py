@@ -68,6 +68,7 @@ from typing import Any
 
 import orjson
 import polars as pl
+import polars.selectors as cs
 from pydantic import TypeAdapter, ValidationError
 
 from ingest.prices import read_price_file
@@ -97,6 +98,14 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
     kind: tuple(name for name in model.model_fields if name not in _ENVELOPE_FIELDS)
     for kind, model in READING_MODELS.items()
 }
+# Value columns: the reading fields of any kind, and the kinds that have each.
+_KINDS_OF_FIELD: dict[str, list[str]] = {}
+for _kind, _fields in KIND_FIELDS.items():
+    for _name in _fields:
+        _KINDS_OF_FIELD.setdefault(_name, []).append(_kind)
+# The instants a reading's ts can hold (Python's datetime, years 1 to 9999, in UTC).
+_FIRST_INSTANT = datetime.min.replace(tzinfo=UTC)
+_LAST_INSTANT = datetime.max.replace(tzinfo=UTC)
 
 
 class ReplayFileError(ValueError):
@@ -158,7 +167,7 @@ def _utc_time(column: pl.Series, name: str) -> pl.Series:
             return pl.Series(name, [None] * len(column), dtype=pl.Datetime("us", "UTC"))
         return column.dt.convert_time_zone("UTC").alias(name)
     raise ReplayFileError(
-        f"column {name!r} has type {column.dtype}; expected ISO 8601 text or timestamps"
+        f"column {column.name!r} has type {column.dtype}; expected ISO 8601 text or timestamps"
     )
 
 
@@ -171,34 +180,79 @@ def read_telemetry(path: Path) -> tuple[pl.DataFrame, list[BadRow]]:
             f"{path}: missing column(s) {missing}; "
             f"telemetry needs {list(REQUIRED_TELEMETRY_COLUMNS)}"
         )
-    frame = frame.with_row_index("_row", offset=1).with_columns(
-        _utc_time(frame["time"], "_ts"),
-        pl.col("site").cast(pl.String),
-        pl.col("device").cast(pl.String),
-        pl.col("kind").cast(pl.String),
-    )
+    _check_columns(path, frame)
+    try:
+        frame = frame.with_row_index("_row", offset=1).with_columns(
+            _utc_time(frame["time"], "_ts"),
+            pl.col("site").cast(pl.String),
+            pl.col("device").cast(pl.String),
+            pl.col("kind").cast(pl.String),
+        )
+    except pl.exceptions.PolarsError as error:  # e.g. a list column of sites
+        first_line = str(error).strip().splitlines()[0]
+        raise ReplayFileError(f"{path}: site, device and kind must be text: {first_line}") from None
     problem = (
         pl.when(pl.col("_ts").is_null())
         .then(pl.lit("time missing, unparseable, or without a UTC offset"))
+        .when(~pl.col("_ts").is_between(_FIRST_INSTANT, _LAST_INSTANT))
+        .then(pl.lit("time out of range (years 1 to 9999 in UTC)"))
         .when(pl.col("site").is_null() | (pl.col("site") == ""))
         .then(pl.lit("site missing"))
+        .when(~pl.col("site").str.contains(r"^[A-Za-z0-9_.:\-]{1,200}$"))
+        .then(pl.lit("site is not an id (1 to 200 of A-Z a-z 0-9 _ . : -)"))
         .when(pl.col("device").is_null() | (pl.col("device") == ""))
         .then(pl.lit("device missing"))
-        .when(~pl.col("kind").is_in(list(READING_MODELS)))
+        # is_in gives null for a null kind (an empty cell), which would pass as valid.
+        .when(pl.col("kind").is_null() | ~pl.col("kind").is_in(list(READING_MODELS)))
         .then(pl.lit(f"kind missing or not one of {sorted(READING_MODELS)}"))
-        .otherwise(None)
-        .alias("_problem")
     )
-    frame = frame.with_columns(problem)
-    bad = frame.filter(pl.col("_problem").is_not_null())
+    # NaN and infinities are rejected (README); the JSON encoding would make them null,
+    # i.e. a missing optional value, so they are caught here, in the kind's own fields.
+    for name, kinds in _KINDS_OF_FIELD.items():
+        if name in frame.columns and frame.schema[name].is_float():
+            problem = problem.when(pl.col("kind").is_in(kinds) & ~pl.col(name).is_finite()).then(
+                pl.lit(f"{name} is not a finite number (NaN and infinities are rejected)")
+            )
+    frame = frame.with_columns(problem.otherwise(None).alias("_problem"))
+    bad = _printable(frame.filter(pl.col("_problem").is_not_null()).drop("_ts"))
     bad_rows = [
         BadRow(row["_row"], f"row {row['_row']}: {row['_problem']}", _row_json(row))
-        for row in bad.drop("_ts").to_dicts()
+        for row in bad.to_dicts()
     ]
     good = (
         frame.filter(pl.col("_problem").is_null()).drop("_problem").sort("_ts", maintain_order=True)
     )
     return good, bad_rows
+
+
+def _check_columns(path: Path, frame: pl.DataFrame) -> None:
+    """Refuse columns this reader cannot replay: names it uses itself, ids and values of
+    types that are not text or numbers (a Binary value would crash the JSON encoder, a
+    date far out of range the conversion of an id to text)."""
+    reserved = [c for c in frame.columns if c.startswith("_")]
+    if reserved:
+        raise ReplayFileError(f"{path}: column names starting with '_' are reserved: {reserved}")
+    for name in ("site", "device", "kind", *_KINDS_OF_FIELD):
+        dtype = frame.schema.get(name)
+        if dtype is None or dtype.is_numeric() or dtype in _VALUE_TYPES:
+            continue
+        raise ReplayFileError(
+            f"{path}: column {name!r} has type {dtype}; ids and reading values are text, "
+            "numbers or booleans"
+        )
+
+
+def _printable(frame: pl.DataFrame) -> pl.DataFrame:
+    """Temporal columns as text, for the dead letters of bad rows (Python cannot hold a
+    year 10000). polars panics on a value outside its own range (+-262,000 years): then
+    the raw numbers are shown instead."""
+    try:
+        return frame.with_columns(cs.temporal().cast(pl.String))
+    except pl.exceptions.PanicException:
+        return frame.with_columns(cs.temporal().to_physical())
+
+
+_VALUE_TYPES = (pl.Boolean, pl.String, pl.Null, pl.Categorical)
 
 
 def _row_json(row: dict[str, Any]) -> bytes:
@@ -208,9 +262,7 @@ def _row_json(row: dict[str, Any]) -> bytes:
 
 def _readings_of(chunk: pl.DataFrame) -> list[tuple[int, dict[str, Any]]]:
     """(row number, reading dict) for each row, with only its kind's non-null fields."""
-    value_columns = [
-        c for c in chunk.columns if not c.startswith("_") and c not in REQUIRED_TELEMETRY_COLUMNS
-    ]
+    value_columns = [c for c in chunk.columns if c in _KINDS_OF_FIELD]
     records = chunk.select(["_row", "_ts", "device", "kind", *value_columns]).to_dicts()
     out = []
     for record in records:

@@ -71,6 +71,9 @@ _INT_TYPES: dict[str, tuple[int, bool, int | None]] = {
 _BYTES_TYPES = frozenset({"string", "ipv6addr", "eui48"})
 _FLOAT_TYPES = {"float32": 2, "float64": 4}
 _SKIPPED_TYPES = frozenset({"pad"})
+SCALE_FACTOR_RANGE = range(-10, 11)
+"""The values a ``sunssf`` may take (SunSpec: -10 to 10). Another one is a corrupt block:
+``W_SF`` = 400 would make any ``W`` too large for a float."""
 
 
 class SunSpecError(ValueError):
@@ -270,6 +273,11 @@ def _decode_points(
         value = raw[point.name]
         if point.sf is not None:
             exponent: Value = point.sf if isinstance(point.sf, int) else raw.get(point.sf)
+            if isinstance(exponent, int) and exponent not in SCALE_FACTOR_RANGE:
+                raise SunSpecError(
+                    f"point {prefix}{point.name!r}: scale factor {point.sf} = {exponent} is "
+                    f"outside {SCALE_FACTOR_RANGE.start}..{SCALE_FACTOR_RANGE.stop - 1}"
+                )
             value = _scale(value, exponent)
         values[prefix + point.name] = value
     return values

@@ -56,7 +56,14 @@ def describe(error: ValidationError, limit: int = 5) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
-def _load(raw: bytes) -> Any:
+# A Kafka tombstone's value is None: rejected like any bad record (its dead letter's raw is
+# empty), not passed on to fail where bytes are expected.
+_TOMBSTONE = "no value (a tombstone): nothing to decode"
+
+
+def _load(raw: bytes | None) -> Any:
+    if raw is None:
+        raise DecodeError(_TOMBSTONE, "EmptyValue")
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as error:
@@ -75,7 +82,7 @@ def _check_version(data: Any) -> None:
             )
 
 
-def decode(model: type[M], raw: bytes) -> M:
+def decode(model: type[M], raw: bytes | None) -> M:
     """Parse and validate one message, or raise :class:`DecodeError` with the reason."""
     data = _load(raw)
     _check_version(data)
@@ -87,12 +94,14 @@ def decode(model: type[M], raw: bytes) -> M:
         ) from None
 
 
-def decode_telemetry(raw: bytes) -> tuple[TelemetryBatch | None, list[Rejected]]:
+def decode_telemetry(raw: bytes | None) -> tuple[TelemetryBatch | None, list[Rejected]]:
     """Decode a telemetry batch, keeping its valid readings.
 
     Returns the batch of valid readings (None if none is valid or the envelope
     itself is broken) and the rejected parts. Never raises for bad input.
     """
+    if raw is None:
+        return None, [Rejected(b"", _TOMBSTONE, "EmptyValue")]
     try:
         data = _load(raw)
         _check_version(data)

@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeAlias
 
+import orjson
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -47,7 +48,12 @@ def _to_utc(value: datetime) -> datetime:
     # zone (zoneinfo) is converted even at offset 0: its arithmetic is wall-clock time.
     if type(value.tzinfo) in _FIXED_OFFSETS and value.utcoffset() == _ZERO:
         return value
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        # 0001-01-01T00:00+01:00 or 9999-12-31T23:59-01:00: no such instant in UTC. A
+        # ValueError becomes a ValidationError; an OverflowError would escape the decoder.
+        raise ValueError(f"{value.isoformat()} is out of range in UTC") from None
 
 
 _ZERO = timedelta(0)
@@ -408,6 +414,10 @@ class Command(Message):
     """The decision or alert that caused the command."""
 
 
+_RAW_MAX_BYTES = 900_000
+"""Longest a dead letter's ``raw`` may be, JSON-encoded. [bytes]"""
+
+
 class DeadLetter(Message):
     """A record that could not be used, with why. Kafka key: the source topic.
 
@@ -430,13 +440,20 @@ class DeadLetter(Message):
     @field_validator("raw")
     @classmethod
     def _bounded(cls, value: str) -> str:
-        # A dead letter must itself fit in a Kafka message (1 MB default).
-        return value[:900_000]
+        # A dead letter must itself fit in a Kafka message (1 MB default). The bound is on
+        # the encoded bytes, not the characters: a quote or a control character is 2 or 6
+        # bytes in JSON, so 900,000 of them would be a 1.8 or 5.4 MB letter.
+        value = value[:_RAW_MAX_BYTES]
+        size = len(orjson.dumps(value))
+        while size > _RAW_MAX_BYTES:
+            value = value[: len(value) * _RAW_MAX_BYTES // size]
+            size = len(orjson.dumps(value))
+        return value
 
 
 def dead_letter(
     *,
-    raw: bytes | str,
+    raw: bytes | str | None,
     reason: str,
     error_type: str,
     component: str,
@@ -456,7 +473,7 @@ def dead_letter(
         source_partition=partition,
         source_offset=offset,
         key=None if key is None else text(key),
-        raw=text(raw),
+        raw="" if raw is None else text(raw),  # None: a Kafka tombstone's value
         reason=reason[:2000],
         error_type=error_type,
         component=component,

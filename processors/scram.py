@@ -797,7 +797,7 @@ telemetry does not, and skipping it unparsed keeps this agent's latency low."""
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
 
 
-def parse_fusion(raw: bytes) -> tuple[str | None, list[FusionReading]]:
+def parse_fusion(raw: bytes | None) -> tuple[str | None, list[FusionReading]]:
     """The batch's site and its valid fusion readings (never raises).
 
     Bytes without the marker are not parsed at all. The fast path validates the
@@ -807,7 +807,7 @@ def parse_fusion(raw: bytes) -> tuple[str | None, list[FusionReading]]:
     not wait for a neighbour's broken reading. The site is None when the batch does
     not name a valid one. The shared site agent dead-letters what is rejected.
     """
-    if FUSION_MARKER not in raw:
+    if raw is None or FUSION_MARKER not in raw:  # None: a Kafka tombstone
         return None, []
     try:
         batch = TelemetryBatch.model_validate_json(raw)
@@ -819,7 +819,7 @@ def parse_fusion(raw: bytes) -> tuple[str | None, list[FusionReading]]:
         # The standard library accepts NaN and Infinity, which orjson (rightly) refuses;
         # each reading is validated below, so they never reach a rule.
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the stack
         return None, []
     if not isinstance(data, dict) or data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
         return None, []

@@ -37,8 +37,9 @@ from sinks.lineprotocol import READING_ENVELOPE
 
 # ISO 8601 with a UTC offset, at most microseconds: pydantic's AwareDatetime
 # takes these, and polars parses them to the same instant. Anything else
-# (naive times, unix numbers, nanoseconds) goes to the per-record path.
-_AWARE_ISO = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})$"
+# (naive times, unix numbers, nanoseconds) goes to the per-record path. Minutes and
+# seconds are 00-59: polars reads a leap second :60 as the next minute, pydantic refuses it.
+_AWARE_ISO = r"^\d{4}-\d{2}-\d{2}T\d{2}:[0-5]\d:[0-5]\d(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})$"
 
 _ISO_FORMAT = "%Y-%m-%dT%H:%M:%S%.f%#z"
 
