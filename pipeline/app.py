@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import faust
 import mode
 
-from pipeline import kafka, streams, topics
+from pipeline import commits, kafka, streams, topics
 from pipeline.settings import Settings
 from processors import (
     allocation,
@@ -149,6 +149,10 @@ def create_app(settings: Settings, *, with_sinks: bool = False) -> faust.App:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(settings.app_id, **faust_config(settings))
     use_fetch_wait(app, settings)
+    # At least once across restarts: Faust must neither commit over a message it has
+    # not acknowledged nor stop committing for good after its recovery drops some.
+    commits.guard_head_of_commits()
+    commits.reread_dropped(app)
     # One agent feeds every per-site processor below; it also dead-letters bad telemetry,
     # so it runs even when no site has a processor that uses it.
     streams.shared_site_agent(app, settings)

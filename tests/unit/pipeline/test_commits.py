@@ -1,0 +1,73 @@
+"""Faust's commits held at a missing offset, and partitions stuck behind one read again
+(pipeline/commits.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from faust.types import TP
+from faust.types.tuples import ConsumerMessage
+
+from pipeline import topics
+from pipeline.app import create_app
+from pipeline.commits import missing_head, stuck_partitions
+from tests.conftest import SettingsFactory
+
+
+def _consumer_and_topic(make_settings: SettingsFactory) -> tuple[Any, TP]:
+    settings = make_settings(broker="127.0.0.1:9")
+    app = create_app(settings)
+    tp = TP(settings.topic(topics.TELEMETRY), 0)
+    app.topics._acking_topics.add(tp.topic)  # as the conductor does once it subscribes
+    return app.consumer, tp
+
+
+def _ack(consumer: Any, tp: TP, offset: int) -> None:
+    message = ConsumerMessage(tp.topic, tp.partition, offset, 0.0, 0, {}, b"k", b"v", None, tp=tp)
+    message.incref()
+    assert message.ack(consumer)
+
+
+def test_one_message_missing_at_the_head_holds_the_commit(make_settings: SettingsFactory) -> None:
+    # faust-streaming issue 606: committed 2585, 2586-2589 acknowledged, 2585 still in
+    # flight; Faust alone commits 2590 and 2585 is never read after a restart.
+    consumer, tp = _consumer_and_topic(make_settings)
+    consumer._committed_offset[tp] = 2585
+    for offset in range(2586, 2590):
+        _ack(consumer, tp, offset)
+    assert consumer._new_offset(tp) is None
+    _ack(consumer, tp, 2585)
+    assert consumer._new_offset(tp) == 2590
+
+
+def test_a_gap_faust_knows_of_still_counts_as_acknowledged(make_settings: SettingsFactory) -> None:
+    # Offsets a compacted topic no longer has: Faust records them as a gap when it
+    # fetches past them, and commits over them.
+    consumer, tp = _consumer_and_topic(make_settings)
+    consumer._committed_offset[tp] = 10
+    consumer._gap[tp].addi(10, 12)
+    for offset in (12, 13):
+        _ack(consumer, tp, offset)
+    assert consumer._new_offset(tp) == 14
+
+
+def test_missing_head() -> None:
+    assert not missing_head(None, [5, 6])  # nothing committed yet: Faust's own rule
+    assert not missing_head(4, [])
+    assert not missing_head(4, [4, 5])
+    assert missing_head(4, [5, 6])
+
+
+def test_a_partition_is_read_again_when_its_head_stays_missing_across_two_checks() -> None:
+    tp, other = TP("t", 0), TP("t", 1)
+    committed = {tp: 4, other: 10}
+    stuck, seen = stuck_partitions(committed, {tp: [6, 7], other: [10, 11]}, {})
+    assert stuck == {} and seen == {tp: (4, 6)}
+    # Still missing at the next check, later offsets acknowledged meanwhile: read again.
+    stuck, seen = stuck_partitions(committed, {tp: [6, 7, 8], other: [12]}, seen)
+    assert stuck == {tp: 4}
+    # A head that filled in, or moved on, is not stuck.
+    stuck, _ = stuck_partitions({tp: 4}, {tp: [4, 6]}, {tp: (4, 6)})
+    assert stuck == {}
+    stuck, _ = stuck_partitions({tp: 7}, {tp: [9]}, {tp: (4, 6)})
+    assert stuck == {}
