@@ -418,7 +418,10 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [
+            init_settings,
+            _SecretFiles(settings_cls, env_settings),
+        ]
         config_file = _config_file.get()
         if config_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
@@ -546,6 +549,59 @@ def env_setting(variable: str) -> tuple[str, ...] | None:
     if model is not None and area != "sites" and name in model.model_fields:
         return (area, name)
     return None
+
+
+SECRET_FILE_SUFFIX = "_FILE"  # noqa: S105 - a variable-name suffix, not a password
+
+
+def secret_file_variables() -> list[tuple[str, str, str]]:
+    """(section, field, variable) of every secret that may come from a file: the
+    variable ``WATTSTREAM_<SECTION>_<FIELD>_FILE`` names the file (Docker and Kubernetes
+    secrets are files; the value is its text, a trailing newline removed)."""
+    out = []
+    for area in _section_names():
+        model = _model_in(Settings.model_fields[area].annotation)
+        assert model is not None
+        for name in model.model_fields:
+            if _is_secret((area, name)):
+                out.append((area, name, f"{ENV_PREFIX}{area}_{name}{SECRET_FILE_SUFFIX}".upper()))
+    return out
+
+
+class _SecretFiles(PydanticBaseSettingsSource):
+    """The environment, with each secret's ``..._FILE`` variable replaced by the file's text."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self.env = env
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # __call__ does the work
+
+    def __call__(self) -> dict[str, Any]:
+        data = self.env()
+        environ = {name.upper(): value for name, value in os.environ.items()}
+        for area, name, variable in secret_file_variables():
+            section = data.get(area)
+            if isinstance(section, dict):
+                section.pop(f"{name}{SECRET_FILE_SUFFIX}".lower(), None)
+            path = environ.get(variable, "")
+            if not path:
+                continue
+            direct = variable.removesuffix(SECRET_FILE_SUFFIX)
+            if environ.get(direct):
+                raise SettingsError(f"invalid settings:\n  {direct} and {variable}: set only one")
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except OSError as error:
+                raise SettingsError(
+                    f"invalid settings:\n  {area}.{name} (env {variable}): cannot read the "
+                    f"secret file {path!r}: {error.strerror}"
+                ) from None
+            if not isinstance(section, dict):
+                section = data[area] = {}
+            section[name] = text.rstrip("\r\n")
+        return data
 
 
 def _section_names() -> list[str]:

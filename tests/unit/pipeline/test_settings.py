@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,3 +137,44 @@ def test_the_sample_config_is_valid() -> None:
         "turin-school",
         "moncalieri-depot",
     }
+
+
+@pytest.mark.parametrize(
+    ("variable", "read"),
+    [
+        ("WATTSTREAM_KAFKA_SASL_PASSWORD_FILE", lambda s: s.kafka.sasl_password),
+        ("WATTSTREAM_INFLUX_PASSWORD_FILE", lambda s: s.influx.password),
+        ("WATTSTREAM_INFLUX_TOKEN_FILE", lambda s: s.influx.token),
+        ("WATTSTREAM_WEBHOOK_SECRET_FILE", lambda s: s.webhook.secret),
+    ],
+)
+def test_a_secret_comes_from_the_file_its_file_variable_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, read: Any
+) -> None:
+    # As Docker and Kubernetes mount secrets: a file, its text with a trailing newline.
+    secret = tmp_path / "secret"
+    secret.write_text("s3cr3t value\n")
+    monkeypatch.setenv(variable, str(secret))
+    settings = load_settings()
+    assert read(settings).get_secret_value() == "s3cr3t value"
+    assert "s3cr3t" not in str(settings.redacted())
+
+
+def test_a_secret_file_that_cannot_be_read_or_a_secret_set_twice_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WATTSTREAM_INFLUX_TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(SettingsError, match=r"influx.token \(env WATTSTREAM_INFLUX_TOKEN_FILE\)"):
+        load_settings()
+    secret = tmp_path / "token"
+    secret.write_text("from-file")
+    monkeypatch.setenv("WATTSTREAM_INFLUX_TOKEN_FILE", str(secret))
+    monkeypatch.setenv("WATTSTREAM_INFLUX_TOKEN", "from-env")
+    with pytest.raises(SettingsError, match=r"WATTSTREAM_INFLUX_TOKEN and .*_FILE: set only one"):
+        load_settings()
+
+
+def test_only_secrets_have_file_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WATTSTREAM_INFLUX_URL_FILE", "/etc/hostname")
+    with pytest.raises(SettingsError, match=r"influx\.url_file"):
+        load_settings()
