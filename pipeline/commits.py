@@ -9,20 +9,25 @@ showed in our kill -9 test (tests/reliability/test_worker_crash.py):
   the committed one, so with one message fetched but not acknowledged it commits past
   it, and after a restart that message is never read. :func:`guard_head_of_commits`
   makes it hold back whenever the committed offset itself is not acknowledged.
-* **Messages dropped during recovery stop the commits** (issue 596): after a restart,
+* **Messages dropped during recovery** (issue 596): after a restart,
   messages fetched while the tables were being recovered can be cleared from the
   stream's queue and then dropped as already read when they are fetched again; their
   offsets are never acknowledged, and the partition's commits stop there while the
   worker goes on processing (its lag grows, and every restart reprocesses from there).
-  :func:`reread_dropped` finds such partitions and seeks them back to their committed
-  offset, so the missing messages are read and processed (again, for the ones already
-  processed: the processors ignore readings and prices they have already taken).
+  The cause: Faust resumes the stream partitions, then seeks them to their committed
+  offsets, then resumes its flow; a message fetched in between, while the flow is still
+  suspended, is not delivered, yet Faust marks its offset as read, and when the message
+  comes again after the seek it is dropped as read already, while the later ones are
+  processed. :func:`keep_undelivered_unread` keeps a suspended flow from moving a stream
+  partition's read offset forward; :func:`reread_dropped` is the safety net: it finds a
+  partition whose commits wait for a missing offset and seeks it back there.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import faust
@@ -57,6 +62,40 @@ def guard_head_of_commits() -> None:
 
     _new_offset._wattstream_guarded = True  # type: ignore[attr-defined]
     Consumer._new_offset = _new_offset  # type: ignore[method-assign]
+
+
+class _ReadOffsets(defaultdict[Any, int | None]):
+    """Faust's per-partition read offsets, not moved forward while the flow is suspended.
+
+    Faust's fetch loop marks a message read even when the suspended flow did not let it
+    through (``Consumer._drain_messages``); a seek (``perform_seek``, which updates this
+    mapping without ``__setitem__``) or a changelog partition moves it as usual.
+    """
+
+    def __init__(self, suspended: Callable[[], bool]) -> None:
+        super().__init__(lambda: None)
+        self._suspended = suspended
+
+    def __setitem__(self, tp: Any, offset: int | None) -> None:
+        current = self.get(tp)
+        forward = offset is not None and (current is None or offset > current)
+        if forward and self._suspended() and not tp.topic.endswith("-changelog"):
+            return
+        super().__setitem__(tp, offset)
+
+
+def keep_undelivered_unread() -> None:
+    """Every Faust consumer keeps its read offsets in a :class:`_ReadOffsets`."""
+    original = Consumer.__init__
+    if getattr(original, "_wattstream_guarded", False):
+        return
+
+    def __init__(self: Consumer, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self._read_offset = _ReadOffsets(self.suspend_flow.is_set)
+
+    __init__._wattstream_guarded = True  # type: ignore[attr-defined]
+    Consumer.__init__ = __init__  # type: ignore[method-assign]
 
 
 def stuck_partitions(

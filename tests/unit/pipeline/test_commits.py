@@ -10,7 +10,7 @@ from faust.types.tuples import ConsumerMessage
 
 from pipeline import topics
 from pipeline.app import create_app
-from pipeline.commits import missing_head, stuck_partitions
+from pipeline.commits import _ReadOffsets, missing_head, stuck_partitions
 from tests.conftest import SettingsFactory
 
 
@@ -71,3 +71,27 @@ def test_a_partition_is_read_again_when_its_head_stays_missing_across_two_checks
     assert stuck == {}
     stuck, _ = stuck_partitions({tp: 7}, {tp: [9]}, {tp: (4, 6)})
     assert stuck == {}
+
+
+def test_a_suspended_flow_does_not_mark_an_undelivered_message_read(
+    make_settings: SettingsFactory,
+) -> None:
+    # faust-streaming issue 596: fetched while the flow is suspended (between resuming the
+    # partitions and resuming the flow after recovery), not delivered, and yet marked read,
+    # the message would be dropped when it is fetched again after the seek.
+    consumer, tp = _consumer_and_topic(make_settings)
+    read = consumer._read_offset
+    assert isinstance(read, _ReadOffsets)
+    read[tp] = 29
+    consumer.stop_flow()
+    read[tp] = 40  # what the fetch loop does with a message the flow did not deliver
+    assert read[tp] == 29
+    read.update({tp: 12})  # perform_seek, to the committed offset
+    assert read[tp] == 12
+    changelog = TP(f"{tp.topic}-state-changelog", 0)
+    read[changelog] = 7  # recovery reads changelogs while the flow is suspended
+    assert read[changelog] == 7
+    consumer.resume_flow()
+    read[tp] = 13
+    assert read[tp] == 13
+    assert read[TP("never-read", 0)] is None  # still a defaultdict of None
