@@ -14,13 +14,15 @@ showed in our kill -9 test (tests/reliability/test_worker_crash.py):
   stream's queue and then dropped as already read when they are fetched again; their
   offsets are never acknowledged, and the partition's commits stop there while the
   worker goes on processing (its lag grows, and every restart reprocesses from there).
-  The cause: Faust resumes the stream partitions, then seeks them to their committed
-  offsets, then resumes its flow; a message fetched in between, while the flow is still
-  suspended, is not delivered, yet Faust marks its offset as read, and when the message
-  comes again after the seek it is dropped as read already, while the later ones are
-  processed. :func:`keep_undelivered_unread` keeps a suspended flow from moving a stream
-  partition's read offset forward; :func:`reread_dropped` is the safety net: it finds a
-  partition whose commits wait for a missing offset and seeks it back there.
+  One way it happens: Faust resumes the stream partitions, then seeks them to their
+  committed offsets, then resumes its flow; a message fetched in between, while the flow
+  is still suspended, is not delivered, yet Faust marks its offset as read, and when the
+  message comes again after the seek it is dropped as read already, while the later ones
+  are processed. :func:`keep_undelivered_unread` keeps a suspended flow from moving a
+  stream partition's read offset forward. It did not remove every drop in our runs (the
+  other ways are not found yet), so :func:`reread_dropped` is the safety net: it finds a
+  partition whose commits wait for a missing offset and seeks it back there. A message
+  re-read that way comes after later ones of its partition were processed.
 """
 
 from __future__ import annotations

@@ -1,13 +1,49 @@
-"""Running a Faust worker in a test: start it, produce its input, wait until it is read, stop."""
+"""Running a Faust worker in a test: start it, produce its input, wait until it is read, stop;
+or a ``wattstream`` command as a process of its own."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import subprocess
+import sys
+from collections.abc import Coroutine, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import faust
+import pytest
 
 from pipeline import kafka
+from pipeline.local import stop_process
 from pipeline.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_wattstream(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """``wattstream ARGS`` as a process, its stderr appended to ``log`` (a pipe nobody
+    reads would block it once full)."""
+    with log.open("ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+
+
+@contextmanager
+def wattstream_process(
+    env: dict[str, str], log: Path, *args: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """:func:`start_wattstream`, stopped by its pid at the end."""
+    process = start_wattstream(env, log, *args)
+    try:
+        yield process
+    finally:
+        stop_process(process, timeout_s=30)
 
 
 async def run_worker(
@@ -36,3 +72,17 @@ async def run_worker(
         )
     finally:
         await app.stop()
+
+
+async def until_done_or_dead(
+    work: Coroutine[Any, Any, None], process: subprocess.Popen[bytes], log: Path
+) -> None:
+    """Await ``work``, failing at once (with the log) if the process dies meanwhile."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        if process.poll() is not None:
+            task.cancel()
+            output = log.read_text()[-3000:]  # noqa: ASYNC240 - test failure path only
+            pytest.fail(f"worker exited with {process.returncode}:\n{output}")
+        await asyncio.wait([task], timeout=0.5)
+    task.result()

@@ -11,10 +11,9 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
@@ -27,6 +26,7 @@ from pipeline.settings import Settings
 from tests.conftest import SAMPLE_CONFIG, SettingsFactory
 from tests.expectations import expected_decisions
 from tests.servers import InfluxDB1
+from tests.workers import until_done_or_dead
 
 pytestmark = pytest.mark.e2e
 
@@ -50,20 +50,6 @@ def environment(settings: Settings, influxdb: InfluxDB1) -> dict[str, str]:
         WATTSTREAM_INFLUX_FLUSH_INTERVAL_S="0.5",
     )
     return env
-
-
-async def until_done_or_dead(
-    work: Coroutine[Any, Any, None], process: subprocess.Popen[bytes], log: Path
-) -> None:
-    """Await ``work``, failing at once (with the log) if the process dies meanwhile."""
-    task = asyncio.ensure_future(work)
-    while not task.done():
-        if process.poll() is not None:
-            task.cancel()
-            output = log.read_text()[-3000:]  # noqa: ASYNC240 - test failure path only
-            pytest.fail(f"worker exited with {process.returncode}:\n{output}")
-        await asyncio.wait([task], timeout=0.5)
-    task.result()
 
 
 @pytest.fixture

@@ -4,9 +4,7 @@ and a worker with its sinks (the default) in the same app writes what they left 
 from __future__ import annotations
 
 import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -16,33 +14,22 @@ from benchmarks.peer import arbitrage_only_config, decision_ids
 from ingest.replay import Replay
 from pipeline import kafka, topics
 from pipeline.app import agent_input_topics
-from pipeline.local import EmbeddedBroker, stop_process
+from pipeline.local import EmbeddedBroker
 from pipeline.settings import Settings
 from tests.conftest import SettingsFactory
 from tests.integration.test_arbitrage_agent import HOURS, SITES, write_inputs
+from tests.workers import wattstream_process
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@contextmanager
 def running_worker(
     settings: Settings, config: Path, log: Path, *args: str
-) -> Iterator[subprocess.Popen[bytes]]:
+) -> AbstractContextManager[subprocess.Popen[bytes]]:
     env = worker_environment(settings, config, log_level="INFO")
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker", *args],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,
-        )
-        try:
-            yield process
-        finally:
-            stop_process(process, timeout_s=30)
+    return wattstream_process(env, log, "worker", *args)
 
 
 async def test_no_sinks_runs_the_agents_only(

@@ -13,17 +13,16 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from benchmarks.e2e import worker_environment
 from pipeline import kafka, topics
-from pipeline.local import EmbeddedBroker, free_port, stop_process
+from pipeline.local import EmbeddedBroker, free_port
 from pipeline.settings import Settings
 from tests.conftest import SettingsFactory
+from tests.workers import wattstream_process
 
 pytestmark = pytest.mark.integration
 
@@ -33,23 +32,6 @@ RETRY_LINE = re.compile(
     r"\(connection refused\): attempt (\d+) after [\d.]+ s, next in ([\d.]+) s, .*"
     r"check WATTSTREAM_BROKER"
 )
-
-
-@contextmanager
-def wattstream(env: dict[str, str], log: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
-    """``wattstream ARGS`` as a process, stderr to ``log``, stopped by its pid at the end."""
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", *args],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,
-        )
-        try:
-            yield process
-        finally:
-            stop_process(process, timeout_s=30)
 
 
 def environment(settings: Settings, tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -106,7 +88,7 @@ async def test_the_worker_waits_for_a_late_broker_then_runs(
     log = tmp_path / "worker.log"
     broker = EmbeddedBroker(port=port)
     try:
-        with wattstream(environment(settings, tmp_path), log, "worker") as worker:
+        with wattstream_process(environment(settings, tmp_path), log, "worker") as worker:
             # Several attempts' worth: 0.5 s, then about 1 s apart.
             await asyncio.sleep(6)
             assert worker.poll() is None, text_of(log)
@@ -184,7 +166,7 @@ def test_a_bounded_start_timeout_ends_with_one_line_and_exit_1(
 def test_a_signal_ends_the_wait_cleanly(make_settings: SettingsFactory, tmp_path: Path) -> None:
     settings = make_settings(broker=f"127.0.0.1:{free_port()}")
     log = tmp_path / "worker.log"
-    with wattstream(environment(settings, tmp_path), log, "worker") as worker:
+    with wattstream_process(environment(settings, tmp_path), log, "worker") as worker:
         deadline = time.monotonic() + 30
         while "not answering" not in log.read_text():
             assert time.monotonic() < deadline and worker.poll() is None, log.read_text()

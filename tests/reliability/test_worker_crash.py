@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -46,6 +45,7 @@ from pipeline.local import EmbeddedBroker, stop_process
 from pipeline.settings import Settings
 from tests.conftest import SAMPLE_CONFIG, SettingsFactory
 from tests.servers import InfluxDB1
+from tests.workers import start_wattstream, until_done_or_dead
 
 pytestmark = pytest.mark.reliability
 
@@ -96,14 +96,7 @@ def _start_worker(
         WATTSTREAM_INFLUX_DATABASE=settings.influx.database,
         WATTSTREAM_INFLUX_FLUSH_INTERVAL_S="0.5",
     )
-    with log.open("ab") as log_file:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker"],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,
-        )
+    return start_wattstream(env, log, "worker")
 
 
 def _groups(settings: Settings) -> dict[str, list[str]]:
@@ -116,17 +109,9 @@ def _groups(settings: Settings) -> dict[str, list[str]]:
 
 
 async def _drain(settings: Settings, worker: subprocess.Popen[bytes], log: Path) -> None:
-    wait = asyncio.ensure_future(
-        kafka.wait_until_drained(settings, _groups(settings), timeout_s=150)
-    )
-    while not wait.done():
-        if worker.poll() is not None:
-            wait.cancel()
-            output = log.read_text()[-3000:]  # noqa: ASYNC240 - test failure path only
-            pytest.fail(f"worker exited with {worker.returncode}: {output}")
-        await asyncio.wait([wait], timeout=0.5)
+    drained = kafka.wait_until_drained(settings, _groups(settings), timeout_s=150)
     try:
-        wait.result()
+        await until_done_or_dead(drained, worker, log)
     except TimeoutError:
         behind = {}
         for group, names in _groups(settings).items():
@@ -176,7 +161,7 @@ def _points(influxdb: InfluxDB1, database: str) -> dict[str, list[tuple[object, 
 @pytest.mark.xfail(
     strict=False,
     reason=(
-        "not reliable yet: in about one run in eight here, arbitrage decisions that the "
+        "not reliable yet: in 3 of 20 runs here, arbitrage decisions that the "
         "uninterrupted run makes are missing after the restart (in one run 60, from the "
         "first day's evening on, intervals the killed worker had not decided yet); the "
         "cause is not found"

@@ -1,16 +1,22 @@
-"""Faust's commits held at a missing offset, and partitions stuck behind one read again
+"""What the commits rely on in Faust, tested on its own consumer: a batch left by an
+exception is never safe to commit (pipeline.streams.committed_only_when_done: a message
+marked acknowledged is not acknowledged again), the commit is held at a missing offset,
+partitions stuck behind one are read again, and a suspended flow marks nothing read
 (pipeline/commits.py)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from faust.types import TP
 from faust.types.tuples import ConsumerMessage
 
 from pipeline import topics
 from pipeline.app import create_app
 from pipeline.commits import _ReadOffsets, missing_head, stuck_partitions
+from pipeline.streams import committed_only_when_done
 from tests.conftest import SettingsFactory
 
 
@@ -22,10 +28,15 @@ def _consumer_and_topic(make_settings: SettingsFactory) -> tuple[Any, TP]:
     return app.consumer, tp
 
 
-def _ack(consumer: Any, tp: TP, offset: int) -> None:
+def _message(tp: TP, offset: int) -> ConsumerMessage:
+    """A message as a stream holds it: one reference, released by its ack."""
     message = ConsumerMessage(tp.topic, tp.partition, offset, 0.0, 0, {}, b"k", b"v", None, tp=tp)
     message.incref()
-    assert message.ack(consumer)
+    return message
+
+
+def _ack(consumer: Any, tp: TP, offset: int) -> None:
+    assert _message(tp, offset).ack(consumer)
 
 
 def test_one_message_missing_at_the_head_holds_the_commit(make_settings: SettingsFactory) -> None:
@@ -95,3 +106,30 @@ def test_a_suspended_flow_does_not_mark_an_undelivered_message_read(
     read[tp] = 13
     assert read[tp] == 13
     assert read[TP("never-read", 0)] is None  # still a defaultdict of None
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("a step raised"), KeyboardInterrupt()])
+def test_a_batch_left_by_an_exception_is_never_safe_to_commit(
+    make_settings: SettingsFactory, failure: BaseException
+) -> None:
+    consumer, tp = _consumer_and_topic(make_settings)
+    done, failed = [_message(tp, 0), _message(tp, 1)], [_message(tp, 2), _message(tp, 3)]
+    for message in done:
+        assert message.ack(consumer)
+    batch = [SimpleNamespace(message=m) for m in failed]
+    with pytest.raises(type(failure)), committed_only_when_done(batch):
+        raise failure
+    # take_events' ``finally`` acknowledges the batch anyway: Faust ignores it.
+    for message in failed:
+        assert not message.ack(consumer)
+    assert consumer._new_offset(tp) == 2  # the offset after the batch that finished
+
+
+def test_a_finished_batch_is_acknowledged_as_usual(make_settings: SettingsFactory) -> None:
+    consumer, tp = _consumer_and_topic(make_settings)
+    batch = [_message(tp, 0), _message(tp, 1)]
+    with committed_only_when_done([SimpleNamespace(message=m) for m in batch]):
+        pass
+    for message in batch:
+        assert message.ack(consumer)
+    assert consumer._new_offset(tp) == 2
