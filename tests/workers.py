@@ -34,6 +34,21 @@ def start_wattstream(env: dict[str, str], log: Path, *args: str) -> subprocess.P
         )
 
 
+def run_wattstream(
+    env: dict[str, str], *args: str, timeout_s: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """``wattstream ARGS`` to its end, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
 @contextmanager
 def wattstream_process(
     env: dict[str, str], log: Path, *args: str

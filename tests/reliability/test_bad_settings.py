@@ -24,6 +24,7 @@ from click.testing import CliRunner, Result
 
 from pipeline.cli import main
 from pipeline.local import EmbeddedBroker, free_port, stop_process
+from tests.workers import run_wattstream
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -484,15 +485,7 @@ def test_a_real_process_exits_2_naming_every_bad_setting(tmp_path: Path) -> None
     config.write_text(battery(capacity_kwh=-1))
     env = {k: v for k, v in os.environ.items() if not k.startswith("WATTSTREAM_")}
     env.update(worker_env(tmp_path), WATTSTREAM_CONFIG=str(config), WATTSTREAM_INFLUX_API="v3")
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "worker"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_wattstream(env, "worker")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from pipeline import kafka, topics
 from pipeline.local import EmbeddedBroker, free_port
 from pipeline.settings import Settings
 from tests.conftest import SettingsFactory
-from tests.workers import wattstream_process
+from tests.workers import run_wattstream, wattstream_process
 
 pytestmark = pytest.mark.integration
 
@@ -138,15 +137,7 @@ def test_a_bounded_start_timeout_ends_with_one_line_and_exit_1(
     args = [{"PRICES": str(prices), "CARBON": str(carbon)}.get(a, a) for a in command]
     env = environment(settings, tmp_path, WATTSTREAM_KAFKA_START_TIMEOUT_S="2")
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_wattstream(env, *args)
     elapsed_s = time.monotonic() - started
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
