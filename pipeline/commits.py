@@ -46,24 +46,33 @@ def missing_head(committed: int | None, acked: Sequence[int]) -> bool:
     return committed is not None and bool(acked) and min(acked) > committed
 
 
+def _wrap_consumer_method(name: str, wrap: Callable[[Any], Any]) -> None:
+    """Replace ``Consumer.<name>`` by ``wrap(original)``, once however often it is asked."""
+    original = getattr(Consumer, name)
+    if getattr(original, "_wattstream_wrapped", False):
+        return
+    wrapped = wrap(original)
+    wrapped._wattstream_wrapped = True
+    setattr(Consumer, name, wrapped)
+
+
 def guard_head_of_commits() -> None:
     """Never commit past an offset that is not acknowledged (faust-streaming issue 606).
 
     Gaps Faust knows of (offsets a compacted topic no longer has) still count as
     acknowledged: Faust adds them in ``_new_offset`` itself.
     """
-    original = Consumer._new_offset
-    if getattr(original, "_wattstream_guarded", False):
-        return
 
-    def _new_offset(self: Consumer, tp: Any) -> int | None:
-        if not self._gap.get(tp) and missing_head(self._committed_offset[tp], self._acked[tp]):
-            return None
-        result: int | None = original(self, tp)
-        return result
+    def wrap(original: Callable[[Consumer, Any], int | None]) -> Any:
+        def _new_offset(self: Consumer, tp: Any) -> int | None:
+            committed, acked = self._committed_offset[tp], self._acked[tp]
+            if not self._gap.get(tp) and missing_head(committed, acked):
+                return None
+            return original(self, tp)
 
-    _new_offset._wattstream_guarded = True  # type: ignore[attr-defined]
-    Consumer._new_offset = _new_offset  # type: ignore[method-assign]
+        return _new_offset
+
+    _wrap_consumer_method("_new_offset", wrap)
 
 
 class _ReadOffsets(defaultdict[Any, int | None]):
@@ -88,16 +97,15 @@ class _ReadOffsets(defaultdict[Any, int | None]):
 
 def keep_undelivered_unread() -> None:
     """Every Faust consumer keeps its read offsets in a :class:`_ReadOffsets`."""
-    original = Consumer.__init__
-    if getattr(original, "_wattstream_guarded", False):
-        return
 
-    def __init__(self: Consumer, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        self._read_offset = _ReadOffsets(self.suspend_flow.is_set)
+    def wrap(original: Callable[..., None]) -> Any:
+        def __init__(self: Consumer, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **kwargs)
+            self._read_offset = _ReadOffsets(self.suspend_flow.is_set)
 
-    __init__._wattstream_guarded = True  # type: ignore[attr-defined]
-    Consumer.__init__ = __init__  # type: ignore[method-assign]
+        return __init__
+
+    _wrap_consumer_method("__init__", wrap)
 
 
 def stuck_partitions(

@@ -270,7 +270,7 @@ class GridFeedState:
             "intensities": {
                 s.isoformat(): [e.isoformat(), c, r] for s, (e, c, r) in self.intensities.items()
             },
-            "clock": None if self.clock is None else self.clock.isoformat(),
+            "clock": _iso_or_none(self.clock),
             "intensities_until": _iso_or_none(self.intensities_until),
         }
 
@@ -288,7 +288,7 @@ class GridFeedState:
                 datetime.fromisoformat(s): (datetime.fromisoformat(e), c, r)
                 for s, (e, c, r) in data["intensities"].items()
             },
-            clock=None if data["clock"] is None else datetime.fromisoformat(data["clock"]),
+            clock=_datetime_or_none(data["clock"]),
             intensities_until=_datetime_or_none(data.get("intensities_until")),
         )
 

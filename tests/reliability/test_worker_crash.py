@@ -125,6 +125,16 @@ async def _drain(settings: Settings, worker: subprocess.Popen[bytes], log: Path)
         pytest.fail(f"not drained, (committed, end) by group: {behind}\n{output}")
 
 
+async def _run_until_drained(
+    settings: Settings, config: Path, influxdb: InfluxDB1, log: Path
+) -> None:
+    worker = _start_worker(settings, config, influxdb, log)
+    try:
+        await _drain(settings, worker, log)
+    finally:
+        stop_process(worker, timeout_s=60)
+
+
 async def _committed_fraction(settings: Settings) -> float:
     telemetry = settings.topic(topics.TELEMETRY)
     lag = await kafka.group_lag(settings, settings.app_id, [telemetry])
@@ -181,12 +191,7 @@ async def test_kill_9_mid_replay_then_restart_stores_what_an_uninterrupted_run_s
     readings = await load_sample(reference, rounds=ROUNDS)
     assert readings == await load_sample(crashed, rounds=ROUNDS) == ROUNDS * 90_720
 
-    log = tmp_path / "reference.log"
-    worker = _start_worker(reference, config, influxdb, log)
-    try:
-        await _drain(reference, worker, log)
-    finally:
-        stop_process(worker, timeout_s=60)
+    await _run_until_drained(reference, config, influxdb, tmp_path / "reference.log")
 
     log = tmp_path / "crashed.log"
     worker = _start_worker(crashed, config, influxdb, log)
@@ -206,11 +211,7 @@ async def test_kill_9_mid_replay_then_restart_stores_what_an_uninterrupted_run_s
     killed_at = fraction
 
     log = tmp_path / "restarted.log"
-    worker = _start_worker(crashed, config, influxdb, log)
-    try:
-        await _drain(crashed, worker, log)
-    finally:
-        stop_process(worker, timeout_s=60)
+    await _run_until_drained(crashed, config, influxdb, log)
     restarted_log = log.read_text()
     # The memory store starts empty: the state came back from the changelogs.
     assert "detection-state" in restarted_log and "Recovery" in restarted_log, restarted_log[-3000:]
