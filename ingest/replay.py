@@ -103,6 +103,13 @@ _KINDS_OF_FIELD: dict[str, list[str]] = {}
 for _kind, _fields in KIND_FIELDS.items():
     for _name in _fields:
         _KINDS_OF_FIELD.setdefault(_name, []).append(_kind)
+# Number fields: a CSV cell is text, and "1.5" there is the number 1.5 (a JSON "1.5" is not).
+_NUMBER_FIELDS = frozenset(
+    name
+    for model in READING_MODELS.values()
+    for name, prop in model.model_json_schema()["properties"].items()
+    if "number" in {variant.get("type") for variant in prop.get("anyOf", [prop])}
+)
 # The instants a reading's ts can hold (Python's datetime, years 1 to 9999, in UTC).
 _FIRST_INSTANT = datetime.min.replace(tzinfo=UTC)
 _LAST_INSTANT = datetime.max.replace(tzinfo=UTC)
@@ -191,6 +198,12 @@ def read_telemetry(path: Path) -> tuple[pl.DataFrame, list[BadRow]]:
     except pl.exceptions.PolarsError as error:  # e.g. a list column of sites
         first_line = str(error).strip().splitlines()[0]
         raise ReplayFileError(f"{path}: site, device and kind must be text: {first_line}") from None
+    # A number column with a cell that is not a number is read as text: each of its
+    # cells is parsed here, and one that is not a number is its row's problem.
+    text_numbers = [n for n in _NUMBER_FIELDS if frame.schema.get(n) == pl.String]
+    frame = frame.with_columns(pl.col(n).alias(f"_text_{n}") for n in text_numbers).with_columns(
+        pl.col(n).str.strip_chars().cast(pl.Float64, strict=False) for n in text_numbers
+    )
     problem = (
         pl.when(pl.col("_ts").is_null())
         .then(pl.lit("time missing, unparseable, or without a UTC offset"))
@@ -206,6 +219,12 @@ def read_telemetry(path: Path) -> tuple[pl.DataFrame, list[BadRow]]:
         .when(pl.col("kind").is_null() | ~pl.col("kind").is_in(list(READING_MODELS)))
         .then(pl.lit(f"kind missing or not one of {sorted(READING_MODELS)}"))
     )
+    for name in text_numbers:
+        problem = problem.when(
+            pl.col("kind").is_in(_KINDS_OF_FIELD[name])
+            & pl.col(f"_text_{name}").is_not_null()
+            & pl.col(name).is_null()
+        ).then(pl.format(f"{name} is not a number (got {{}})", pl.col(f"_text_{name}")))
     # NaN and infinities are rejected (README); the JSON encoding would make them null,
     # i.e. a missing optional value, so they are caught here, in the kind's own fields.
     for name, kinds in _KINDS_OF_FIELD.items():
@@ -214,13 +233,20 @@ def read_telemetry(path: Path) -> tuple[pl.DataFrame, list[BadRow]]:
                 pl.lit(f"{name} is not a finite number (NaN and infinities are rejected)")
             )
     frame = frame.with_columns(problem.otherwise(None).alias("_problem"))
-    bad = _printable(frame.filter(pl.col("_problem").is_not_null()).drop("_ts"))
+    # A bad row's dead letter shows its cells as they were in the file.
+    bad = _printable(
+        frame.filter(pl.col("_problem").is_not_null())
+        .drop("_ts")
+        .with_columns(pl.col(f"_text_{n}").alias(n) for n in text_numbers)
+    )
     bad_rows = [
         BadRow(row["_row"], f"row {row['_row']}: {row['_problem']}", _row_json(row))
         for row in bad.to_dicts()
     ]
     good = (
-        frame.filter(pl.col("_problem").is_null()).drop("_problem").sort("_ts", maintain_order=True)
+        frame.filter(pl.col("_problem").is_null())
+        .drop("_problem", *(f"_text_{n}" for n in text_numbers))
+        .sort("_ts", maintain_order=True)
     )
     return good, bad_rows
 

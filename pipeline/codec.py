@@ -75,7 +75,8 @@ def _load(raw: bytes | None) -> Any:
 def _check_version(data: Any) -> None:
     if isinstance(data, dict):
         version = data.get("schema_version", SCHEMA_VERSION)
-        if version != SCHEMA_VERSION:
+        # true == 1 and 1.0 == 1 in Python: only the JSON integer 1 is version 1.
+        if type(version) is not int or version != SCHEMA_VERSION:
             raise DecodeError(
                 f"unsupported schema_version {version!r}; this build reads {SCHEMA_VERSION}",
                 "UnsupportedSchemaVersion",

@@ -8,8 +8,8 @@ Contract (see docs/nomenclature.md for every quantity):
   rejected because its instant is ambiguous.
 * Units are in field names (``power_kw``, ``soc_pct``, ``price_per_kwh``).
   Money amounts are in the message's ``currency`` (ISO 4217).
-* Floats must be finite: NaN and infinities are rejected, so a broken sensor
-  value never reaches a decision or InfluxDB.
+* Floats must be finite JSON numbers: NaN, infinities, booleans and numeric strings
+  are rejected, so a broken sensor value never reaches a decision or InfluxDB.
 * A field keeps one type forever (InfluxDB rejects a field whose type changes),
   so quantities that could ever be fractional are floats from the start.
 
@@ -33,6 +33,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     TypeAdapter,
     field_validator,
     model_validator,
@@ -63,8 +64,15 @@ _FIXED_OFFSETS = (TzInfo, timezone)
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
 """A timezone-aware instant, normalised to UTC; naive datetimes are rejected."""
 
-Percent = Annotated[float, Field(ge=0.0, le=100.0)]
-NonNegative = Annotated[float, Field(ge=0.0)]
+Real = Annotated[float, Strict()]
+"""A finite number from a JSON number: true/false and numeric strings are not numbers.
+
+Pydantic's lax mode would read ``true`` as 1.0 and ``"1.5"`` as 1.5; a sensor that
+sends either is broken, and its reading is dead-lettered rather than guessed at.
+"""
+
+Percent = Annotated[Real, Field(ge=0.0, le=100.0)]
+NonNegative = Annotated[Real, Field(ge=0.0)]
 Identifier = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 """Site, device and market ids: they become Kafka keys and InfluxDB tags."""
 
@@ -110,12 +118,12 @@ class _Reading(BaseModel):
 
 class BatteryReading(_Reading):
     kind: Literal["battery"] = "battery"
-    power_kw: float
+    power_kw: Real
     """Positive discharging, negative charging. [kW]"""
     soc_pct: Percent
     """State of charge. [%]"""
-    voltage_v: float | None = None
-    temperature_c: float | None = None
+    voltage_v: Real | None = None
+    temperature_c: Real | None = None
 
 
 class SolarReading(_Reading):
@@ -124,19 +132,19 @@ class SolarReading(_Reading):
     """AC generation. [kW]"""
     irradiance_w_m2: NonNegative | None = None
     """Plane-of-array irradiance. [W/m2]"""
-    temp_air_c: float | None = None
-    temp_module_c: float | None = None
+    temp_air_c: Real | None = None
+    temp_module_c: Real | None = None
 
 
 class MeterReading(_Reading):
     kind: Literal["meter"] = "meter"
-    power_kw: float
+    power_kw: Real
     """Grid connection point: positive import, negative export. [kW]"""
     import_energy_kwh: NonNegative | None = None
     """Cumulative imported energy register. [kWh]"""
     export_energy_kwh: NonNegative | None = None
-    voltage_v: float | None = None
-    frequency_hz: float | None = None
+    voltage_v: Real | None = None
+    frequency_hz: Real | None = None
 
 
 class HomeReading(_Reading):
@@ -154,7 +162,7 @@ class GeneratorReading(_Reading):
 
 class EvReading(_Reading):
     kind: Literal["ev"] = "ev"
-    power_kw: float
+    power_kw: Real
     """Positive charging the vehicle, negative vehicle-to-grid. [kW]"""
     soc_pct: Percent | None = None
     plugged_in: bool
@@ -165,7 +173,7 @@ class EvReading(_Reading):
 class FusionReading(_Reading):
     kind: Literal["fusion"] = "fusion"
     plasma_temp_kev: NonNegative
-    confinement_stability: Annotated[float, Field(ge=0.0, le=1.0)]
+    confinement_stability: Annotated[Real, Field(ge=0.0, le=1.0)]
     """1 = fully stable magnetic confinement, 0 = lost. [-]"""
     q_factor: NonNegative
     """Fusion gain: fusion power out over heating power in. [-]"""
@@ -229,7 +237,7 @@ class PriceTick(Message):
     market: Identifier
     start: UtcDatetime
     end: UtcDatetime
-    price_per_kwh: float
+    price_per_kwh: Real
     currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
     price_kind: PriceKind = PriceKind.DAY_AHEAD
     published_at: UtcDatetime | None = None
@@ -272,13 +280,13 @@ class Decision(Message):
     device: Identifier
     strategy: str
     action: Action
-    power_kw: float
+    power_kw: Real
     """Setpoint: positive discharge, negative charge, 0 for HOLD. [kW]"""
-    grid_energy_kwh: float
+    grid_energy_kwh: Real
     """Energy at the grid side over the interval: positive sold, negative bought. [kWh]"""
-    price_per_kwh: float
+    price_per_kwh: Real
     currency: str = "EUR"
-    expected_revenue: float
+    expected_revenue: Real
     """grid_energy_kwh x price_per_kwh, in ``currency``; negative is a cost."""
     soc_pct: Percent
     """Measured state of charge the decision was based on. [%]"""
@@ -318,8 +326,8 @@ class Alert(Message):
     message: str
     start: UtcDatetime
     end: UtcDatetime | None = None
-    observed: float | None = None
-    expected: float | None = None
+    observed: Real | None = None
+    expected: Real | None = None
     details: dict[str, float | str | bool] = Field(default_factory=dict)
 
 
@@ -349,12 +357,12 @@ class AllocationPlan(Message):
     sources: list[SourceFlow]
     allocations: list[Allocation]
     currency: str = "EUR"
-    grid_cost: float
-    export_revenue: float
-    net_cost: float
-    baseline_net_cost: float
+    grid_cost: Real
+    export_revenue: Real
+    net_cost: Real
+    baseline_net_cost: Real
     """Net cost of the same interval with no optimisation."""
-    saving: float
+    saving: Real
 
 
 class EmissionsRecord(Message):
@@ -405,7 +413,7 @@ class Command(Message):
     device: Identifier
     action: str
     """``set_power``, ``shed``, ``restore``, ``scram``, ``start_job``, ``stop_job``."""
-    setpoint_kw: float | None = None
+    setpoint_kw: Real | None = None
     reason: str
     issued_at: UtcDatetime
     valid_until: UtcDatetime | None = None

@@ -16,19 +16,23 @@ to a reading model is checked here too, and a constraint this module does not
 understand fails at import, not silently. What JSON Schema does not say
 (timestamps must carry an offset; numbers must be finite) is checked by hand.
 
-One difference is accepted: a column of the union of all reading kinds cannot
-tell a missing key from an explicit ``null``, so a reading with ``"x": null``
-for a field of another kind is stored here where pydantic would refuse it.
+What a fixed polars schema cannot see is checked on each record as orjson reads it
+(:func:`_read_alike`): polars ignores unknown keys, reads an explicit ``null`` as a
+missing key, reads a number where text belongs as its text, and keeps the first of two
+equal keys where the codec (orjson) keeps the last; such records take the per-record
+path.
 """
 
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import reduce
 from typing import Any
 
+import orjson
 import polars as pl
 from pydantic import BaseModel
 
@@ -191,6 +195,72 @@ def _batch_ok() -> pl.Expr:
     return reduce(lambda a, b: a & b, checks)
 
 
+_BATCH_KEYS = frozenset(field.name for field in _BATCH_FIELDS) | {"readings"}
+_READING_KEYS = {
+    kind: frozenset(field.name for field in fields) | {"kind"}
+    for kind, fields in _KIND_FIELDS.items()
+}
+# polars reads a number or a boolean into a text column as its text; pydantic refuses it.
+_BATCH_TEXT = tuple(field.name for field in _BATCH_FIELDS if field.json_type == "string")
+_READING_TEXT = {
+    kind: tuple(field.name for field in fields if field.json_type == "string")
+    for kind, fields in _KIND_FIELDS.items()
+}
+# A JSON object key: a string (escapes included) followed by a colon. A string value
+# that itself holds `"...":` counts too, which only sends its record the slow way.
+_JSON_KEY = re.compile(rb'"(?:[^"\\]|\\.)*"\s*:')
+
+
+def _texts_ok(record: dict[str, Any], names: tuple[str, ...]) -> bool:
+    return all(type(record.get(name, "")) is str or record[name] is None for name in names)
+
+
+def _read_alike(record: Any, keys_in_text: int) -> bool:
+    """Whether polars' fixed schema reads this record as the codec (orjson, pydantic) does.
+
+    ``record`` is the record as orjson parsed it, and ``keys_in_text`` the number of keys
+    in its text. False for an unknown key (polars ignores it), a key of another reading
+    kind or a null batch field (polars reads null as absent; pydantic refuses both), a
+    number or boolean where text belongs (polars reads its text), and a key written twice
+    (orjson keeps the last, polars the first): orjson's objects then hold fewer keys than
+    the text.
+    """
+    if not isinstance(record, dict) or not record.keys() <= _BATCH_KEYS:
+        return False
+    readings = record.get("readings")
+    if None in record.values() or not isinstance(readings, list):
+        return False
+    if not _texts_ok(record, _BATCH_TEXT):
+        return False
+    keys = len(record)
+    for reading in readings:
+        if not isinstance(reading, dict):
+            return False
+        kind = reading.get("kind")
+        if not isinstance(kind, str) or kind not in _READING_KEYS:
+            return False
+        if not reading.keys() <= _READING_KEYS[kind]:
+            return False
+        if not _texts_ok(reading, _READING_TEXT[kind]):
+            return False
+        keys += len(reading)
+    return keys == keys_in_text
+
+
+def _read_like_the_codec(values: Sequence[bytes | None], candidates: list[int]) -> list[int]:
+    """The records of ``candidates`` that polars reads as the codec does."""
+    alike = []
+    for index in candidates:
+        value = values[index] or b""
+        try:
+            record = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            continue
+        if _read_alike(record, len(_JSON_KEY.findall(value))):
+            alike.append(index)
+    return alike
+
+
 def _field_text(name: str) -> pl.Expr:
     """``name=value``, null where the value is null (concat_str then skips it)."""
     # Booleans print as true/false; numbers are Float64 here, so always a float
@@ -214,8 +284,9 @@ _NO_RECORDS = pl.Series("record", [], dtype=pl.Int64)
 
 def encode_telemetry(values: Sequence[bytes | None]) -> Encoded:
     """Encode the records it can prove valid; return the indexes of the others."""
-    slow = [i for i, value in enumerate(values) if not value or b"\n" in value]
-    taken = [i for i, value in enumerate(values) if value and b"\n" not in value]
+    candidates = [i for i, value in enumerate(values) if value and b"\n" not in value]
+    taken = _read_like_the_codec(values, candidates)
+    slow = sorted(set(range(len(values))) - set(taken))
     if not taken:
         return Encoded(_NO_LINES, _NO_RECORDS, slow)
     try:

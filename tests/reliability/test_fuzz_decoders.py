@@ -1821,13 +1821,13 @@ def entsoe_doc(
 
 def test_nan_and_infinities_are_rejected_by_every_decoder(tmp_path: Path) -> None:
     # Codec: a NaN token makes the record not JSON (dead-lettered whole); NaN as text is
-    # a bad reading of a salvaged batch.
+    # not a number, so a bad reading of a salvaged batch.
     batch, rejected = codec.decode_telemetry(batch_bytes(home(power_kw=math.nan)))
     assert batch is None and rejected[0].error_type == "JSONDecodeError"
     batch, rejected = codec.decode_telemetry(batch_bytes(home(), home(power_kw="Infinity")))
     assert batch is not None and len(batch.readings) == 1
     assert reasons(rejected) == [
-        "batch 'b1' reading 1: home.power_kw: Input should be a finite number (got 'Infinity')"
+        "batch 'b1' reading 1: home.power_kw: Input should be a valid number (got 'Infinity')"
     ]
     # MQTT: a JSON token; line protocol's parser refuses nan and inf values.
     result = MQTT_JSON.parse("sites/s/meter/m", b'{"power_kw": NaN}', NOW)
@@ -2049,46 +2049,70 @@ def test_a_tombstone_is_rejected_with_a_reason_not_a_crash() -> None:
     assert encode_telemetry([None]).slow == [0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pydantic's lax mode reads JSON true as 1.0 and '1.5' as 1.5 in float fields, "
-    "and schema_version true or 1.0 as 1: a model-wide strictness decision, not a decoder fix",
-)
-def test_a_boolean_is_not_a_power_reading() -> None:
-    batch, _ = codec.decode_telemetry(batch_bytes(home(power_kw=True)))
+@pytest.mark.parametrize("power_kw", [True, False, "1.5", "nan"], ids=repr)
+def test_a_boolean_or_a_string_is_not_a_power_reading(power_kw: object) -> None:
+    """Pydantic's lax mode read JSON true as 1.0 and "1.5" as 1.5: schemas.Real is strict."""
+    batch, rejected = codec.decode_telemetry(batch_bytes(home(power_kw=power_kw)))
     assert batch is None
+    assert [r.error_type for r in rejected] == ["ValidationError"]
+    assert "power_kw" in rejected[0].reason
+    assert encode_telemetry([batch_bytes(home(power_kw=power_kw))]).slow == [0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sinks/columnar.py reads records with a fixed schema that ignores unknown keys and "
-    "cannot tell null from absent, so it stores records the agents dead-letter",
-)
+@pytest.mark.parametrize("version", [True, 1.0, "1"], ids=repr)
+def test_only_the_json_integer_1_is_schema_version_1(version: object) -> None:
+    """true == 1 and 1.0 == 1 in Python; on the wire they are other values."""
+    batch, rejected = codec.decode_telemetry(batch_bytes(home(), schema_version=version))
+    assert batch is None
+    assert [r.error_type for r in rejected] == ["UnsupportedSchemaVersion"]
+    with pytest.raises(codec.DecodeError, match="unsupported schema_version"):
+        codec.decode(
+            PriceTick, orjson.dumps({**_SAMPLE_DATA["PriceTick"], "schema_version": version})
+        )
+    assert codec.decode_telemetry(batch_bytes(home(), schema_version=1))[0] is not None
+
+
 @pytest.mark.parametrize(
     "raw",
     [
         batch_bytes(home(zzz=1)),  # a reading with an unknown key
         batch_bytes(home(), zzz=1),  # a batch with an unknown key
         batch_bytes(home(), schema_version=None),  # an explicit null version
+        batch_bytes(home(frequency_hz=None)),  # null for a field of another kind (meter)
+        batch_bytes(home(), site=None),  # a null required field
     ],
-    ids=["reading-key", "batch-key", "null-version"],
+    ids=["reading-key", "batch-key", "null-version", "other-kind-null", "null-site"],
 )
 def test_the_columnar_sink_stores_nothing_the_agents_dead_letter(raw: bytes) -> None:
     assert codec.decode_telemetry(raw)[0] is None
-    assert encode_telemetry([raw]).slow == [0]
+    good = batch_bytes(home())
+    assert encode_telemetry([good, raw, good]).slow == [1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="duplicate JSON keys: the codec (orjson) keeps the last, sinks/columnar.py (polars) "
-    "the first, so the sink may store another site or kind than the agents saw",
-)
-def test_the_columnar_sink_reads_duplicate_keys_like_the_codec() -> None:
-    raw = batch_bytes(home()).replace(b'"site": "s1"', b'"site": "s1", "site": "s2"')
-    batch, _ = codec.decode_telemetry(raw)
-    assert batch is not None and batch.site == "s2"
+def test_a_null_of_the_readings_own_kind_is_absent_on_both_paths() -> None:
+    raw = batch_bytes({**home(), "kind": "meter", "frequency_hz": None})
+    batch, rejected = codec.decode_telemetry(raw)
+    assert batch is not None and rejected == []
     encoded = encode_telemetry([raw])
-    assert encoded.slow == [0] or all("site=s2" in line for line in encoded.lines.to_list())
+    assert encoded.slow == [] and "frequency_hz" not in encoded.lines[0]
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b'"site": "s1"', b'"site": "s1", "site": "s2"'),  # in the batch
+        (b'"device": "h1"', b'"device": "h1", "device": "h2"'),  # in a reading
+    ],
+    ids=["batch", "reading"],
+)
+def test_the_columnar_sink_reads_duplicate_keys_like_the_codec(old: bytes, new: bytes) -> None:
+    """orjson (the codec) keeps the last of two equal keys, polars the first: such a record
+    takes the per-record path, so the sink stores what the agents saw."""
+    raw = batch_bytes(home()).replace(old, new)
+    assert raw.count(old.split(b":")[0]) == 2
+    batch, _ = codec.decode_telemetry(raw)
+    assert batch is not None and batch.site == "s1" if b"device" in old else "s2"
+    assert encode_telemetry([raw]).slow == [0]
 
 
 # --- a valid sample of every wire message, for the mutation property ------------------------

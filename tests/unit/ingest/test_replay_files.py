@@ -63,6 +63,25 @@ def test_bad_rows_are_reported_with_row_numbers_and_the_rest_kept(tmp_path: Path
     assert batch is not None and batch.readings == 2
 
 
+def test_a_number_column_with_text_in_it_keeps_its_numbers(tmp_path: Path) -> None:
+    # One cell that is not a number makes polars read the column as text: the other
+    # cells are still the numbers they say (a CSV has no types), that row is bad.
+    path = write(
+        tmp_path,
+        HEADER
+        + "2025-04-07T00:00:00Z,s1,bat,battery, 1.5 ,50,\n"
+        + "2025-04-07T00:01:00Z,s1,bat,battery,fast,50,\n"
+        + "2025-04-07T00:02:00Z,s1,bat,battery,-2e1,50,\n",
+    )
+    frame, bad = read_telemetry(path)
+    assert [(b.row, b.reason) for b in bad] == [(2, "row 2: power_kw is not a number (got fast)")]
+    assert orjson.loads(bad[0].raw)["power_kw"] == "fast"  # the dead letter shows the cell
+    ((batch, rejected),) = list(site_batches(frame, "src", ReplaySettings())[0])
+    assert rejected == [] and batch is not None
+    decoded = codec.decode(TelemetryBatch, batch.value)
+    assert [r.power_kw for r in decoded.readings] == [1.5, -20.0]  # type: ignore[union-attr]
+
+
 def test_missing_required_column_fails_with_its_name(tmp_path: Path) -> None:
     path = write(tmp_path, "time,site,kind,power_kw\n2025-04-07T00:00:00Z,s1,meter,1\n")
     with pytest.raises(ReplayFileError, match="device"):

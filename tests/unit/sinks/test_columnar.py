@@ -115,11 +115,15 @@ def test_records_pydantic_rejects_in_part_go_to_the_per_record_path() -> None:
     assert slow == list(range(1, len(values)))
 
 
-def test_input_polars_cannot_read_sends_every_record_to_the_per_record_path() -> None:
-    for poison in (b"{not json", record(reading(power_kw="fast"))):
-        values = [record(reading()), poison, record(reading())]
-        taken, slow = check_agrees(values)
-        assert taken == [] and slow == [0, 1, 2]
+def test_a_record_that_is_not_json_takes_the_per_record_path_alone() -> None:
+    values = [record(reading()), b"{not json", record(reading())]
+    assert check_agrees(values) == ([0, 2], [1])
+
+
+def test_a_value_of_the_wrong_json_type_sends_every_record_to_the_per_record_path() -> None:
+    # polars fails the whole read and cannot say which record it was.
+    values = [record(reading()), record(reading(power_kw="fast")), record(reading())]
+    assert check_agrees(values) == ([], [0, 1, 2])
 
 
 # No subnormals: both paths print them alike (2.2e-309), but the test's parser refuses them.
@@ -158,3 +162,20 @@ def test_agrees_with_pydantic_and_influxdb_client_on_generated_batches(
     # Every record pydantic accepts whole is taken: the fast path is not just refusing work.
     accepted = [i for i, value in enumerate(values) if reference(value) is not None]
     assert taken == accepted
+
+
+def test_a_number_where_text_belongs_takes_the_per_record_path() -> None:
+    # polars reads 5 into a text column as "5"; pydantic refuses a number for a string.
+    good = record(reading())
+    for bad in (
+        good.replace(b'"device":"bat-1"', b'"device":5'),
+        orjson.dumps({**orjson.loads(good), "batch_id": 5}),
+        orjson.dumps({**orjson.loads(good), "site": True}),
+    ):
+        assert bad != good
+        assert check_agrees([good, bad, good]) == ([0, 2], [1])
+
+
+def test_a_record_that_is_not_utf8_takes_the_per_record_path_alone() -> None:
+    good = record(reading())
+    assert check_agrees([good, good.replace(b"bat-1", b"bat-\xff"), good]) == ([0, 2], [1])
