@@ -153,6 +153,7 @@ def create_app(settings: Settings, *, with_sinks: bool = False) -> faust.App:
     # not acknowledged nor stop committing for good after its recovery drops some.
     commits.guard_head_of_commits()
     commits.keep_undelivered_unread()
+    commits.keep_queued_while_flowing(app)
     commits.reread_dropped(app)
     # One agent feeds every per-site processor below; it also dead-letters bad telemetry,
     # so it runs even when no site has a processor that uses it.

@@ -1,28 +1,34 @@
 """Faust's offset commits, kept from skipping a message or stopping for good.
 
 Faust commits, per partition, the end of the first run of consecutive acknowledged
-offsets. Two known faults of faust-streaming 0.15 break at-least-once there, and both
-showed in our kill -9 test (tests/reliability/test_worker_crash.py):
+offsets. Three faults of faust-streaming 0.15 break at-least-once there; each showed in
+our kill -9 test (tests/reliability/test_worker_crash.py):
 
 * **A message missing at the head is committed over** (faust-streaming issue 606):
   ``Consumer._new_offset`` holds back only when at least two offsets are missing after
   the committed one, so with one message fetched but not acknowledged it commits past
   it, and after a restart that message is never read. :func:`guard_head_of_commits`
   makes it hold back whenever the committed offset itself is not acknowledged.
-* **Messages dropped during recovery** (issue 596): after a restart,
-  messages fetched while the tables were being recovered can be cleared from the
-  stream's queue and then dropped as already read when they are fetched again; their
-  offsets are never acknowledged, and the partition's commits stop there while the
-  worker goes on processing (its lag grows, and every restart reprocesses from there).
-  One way it happens: Faust resumes the stream partitions, then seeks them to their
-  committed offsets, then resumes its flow; a message fetched in between, while the flow
-  is still suspended, is not delivered, yet Faust marks its offset as read, and when the
-  message comes again after the seek it is dropped as read already, while the later ones
-  are processed. :func:`keep_undelivered_unread` keeps a suspended flow from moving a
-  stream partition's read offset forward. It did not remove every drop in our runs (the
-  other ways are not found yet), so :func:`reread_dropped` is the safety net: it finds a
-  partition whose commits wait for a missing offset and seeks it back there. A message
-  re-read that way comes after later ones of its partition were processed.
+* **Messages dropped during recovery** (issue 596): after a restart, messages
+  delivered to a stream while Faust finishes its recovery were thrown away unread, their
+  offsets never acknowledged, and the partition's commits stopped there while the worker
+  went on processing. Our kill -9 test found the way (DEVLOG traces of each delivery and
+  acknowledgement): ``Recovery.on_recovery_completed`` resumes the stream partitions
+  while the flow is already running (it was resumed to read the changelogs), seeks them,
+  and then calls ``app.flow_control.resume()`` again, which empties every stream's queue
+  (``FlowControlEvent.resume`` clears the ``clear_on_resume`` queues). The messages
+  fetched in between are in those queues and marked read: they are never delivered
+  again. :func:`keep_queued_while_flowing` makes a resume of a flow that is not
+  suspended leave the queues alone; a resume after a suspension (a rebalance) still
+  clears what was queued before it.
+* **A suspended flow marks a message read.** Faust's fetch loop marks a message read
+  even when the suspended flow did not let it through; :func:`keep_undelivered_unread`
+  keeps such a read offset where it was.
+
+:func:`reread_dropped` stays as the safety net for any other way: it finds a partition
+whose commits wait for a missing offset and seeks it back there. A message re-read that
+way comes after later ones of its partition were processed, so it logs a warning; since
+the fix above none has shown in our runs.
 """
 
 from __future__ import annotations
@@ -73,6 +79,20 @@ def guard_head_of_commits() -> None:
         return _new_offset
 
     _wrap_consumer_method("_new_offset", wrap)
+
+
+def keep_queued_while_flowing(app: faust.App) -> None:
+    """Make ``app.flow_control.resume()`` leave the stream queues alone while the flow is
+    not suspended: what they hold then was delivered in this flow, not before a
+    suspension (see the module's docstring)."""
+    flow = app.flow_control
+    resume = flow.resume
+
+    def resume_unless_flowing() -> None:
+        if not flow.is_active():
+            resume()
+
+    flow.resume = resume_unless_flowing  # type: ignore[method-assign]
 
 
 class _ReadOffsets(defaultdict[Any, int | None]):

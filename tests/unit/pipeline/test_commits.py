@@ -1,8 +1,8 @@
 """What the commits rely on in Faust, tested on its own consumer: a batch left by an
 exception is never safe to commit (pipeline.streams.committed_only_when_done: a message
 marked acknowledged is not acknowledged again), the commit is held at a missing offset,
-partitions stuck behind one are read again, and a suspended flow marks nothing read
-(pipeline/commits.py)."""
+partitions stuck behind one are read again, a suspended flow marks nothing read, and
+resuming a flow that runs already keeps what the streams have queued (pipeline/commits.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from faust.types import TP
 from faust.types.tuples import ConsumerMessage
+from mode.utils.queues import FlowControlQueue
 
 from pipeline import topics
 from pipeline.app import create_app
@@ -133,3 +134,23 @@ def test_a_finished_batch_is_acknowledged_as_usual(make_settings: SettingsFactor
     for message in batch:
         assert message.ack(consumer)
     assert consumer._new_offset(tp) == 2
+
+
+def test_resuming_a_running_flow_keeps_what_the_streams_have_queued(
+    make_settings: SettingsFactory,
+) -> None:
+    # Faust's recovery resumes the flow to read the changelogs, delivers stream messages,
+    # then resumes it again: mode's FlowControlEvent.resume emptied the stream queues,
+    # and those messages were never delivered again (faust-streaming issue 596).
+    app = create_app(make_settings(broker="127.0.0.1:9"))
+    queue: FlowControlQueue[str] = FlowControlQueue(
+        flow_control=app.flow_control, clear_on_resume=True
+    )
+    app.flow_control.resume()
+    queue.put_nowait("delivered while flowing")
+    app.flow_control.resume()
+    assert queue.qsize() == 1
+    # A resume after a suspension (a rebalance) still drops what was queued before it.
+    app.flow_control.suspend()
+    app.flow_control.resume()
+    assert queue.qsize() == 0 and app.flow_control.is_active()
