@@ -48,7 +48,7 @@ test-unit: $(INSTALLED)
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy pipeline ingest processors sinks
+	$(VENV)/bin/mypy pipeline ingest processors sinks benchmarks tests
 
 format: $(INSTALLED)
 	$(VENV)/bin/ruff format .

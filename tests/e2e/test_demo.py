@@ -131,8 +131,12 @@ def _carbon_over_sample() -> tuple[list[Any], list[Any], list[Any]]:
         cfg, cert_cfg = carbon_settings(site), certificate_settings(site)
         assert cfg is not None and cert_cfg is not None
         book = CertificateLedger(site.id)
+
+        def ledger(book: CertificateLedger = book) -> CertificateLedger:
+            return book
+
         engine = CarbonEngine(
-            site.id, cfg, certify=certify_with_ledger(lambda b=book: b, cert_cfg, site.id, events)
+            site.id, cfg, certify=certify_with_ledger(ledger, cert_cfg, site.id, events)
         )
         for intensity in intensities:
             records += engine.add_intensity(intensity)

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from pipeline import codec, kafka, topics
 from pipeline.local import EmbeddedBroker
-from pipeline.schemas import Decision, TelemetryBatch
+from pipeline.schemas import Decision, MeterReading, TelemetryBatch
 from pipeline.settings import Settings
 from sinks.influx import InfluxSink, SinkError
 from tests.conftest import SettingsFactory
@@ -24,6 +24,10 @@ from tests.servers import InfluxDB1, VictoriaMetrics
 pytestmark = pytest.mark.integration
 
 T0 = datetime(2025, 4, 7, tzinfo=UTC)
+
+
+def meter_readings(batch: TelemetryBatch) -> list[MeterReading]:
+    return [r for r in batch.readings if isinstance(r, MeterReading)]
 
 
 def telemetry(n: int, site: str = "s1") -> TelemetryBatch:
@@ -141,7 +145,7 @@ async def test_v1_points_read_back_equal_points_written_and_rewrites_are_idempot
     expected = [
         {"time": int(r.ts.timestamp() * 1000), "power_kw": r.power_kw, "device": "m1", "site": "s1"}
         for n in range(5)
-        for r in telemetry(n).readings
+        for r in meter_readings(telemetry(n))
     ]
     assert meters == expected
     decisions = influxdb.rows("SELECT * FROM decision ORDER BY time", database)
@@ -179,7 +183,9 @@ async def test_v2_write_api_against_victoria_metrics(
     (series,) = victoria_metrics.export(f'meter_power_kw{{site="{site}"}}')
     assert series["metric"]["device"] == "m1"
     expected = sorted(
-        (int(r.ts.timestamp() * 1000), r.power_kw) for n in range(3) for r in telemetry(n).readings
+        (int(r.ts.timestamp() * 1000), r.power_kw)
+        for n in range(3)
+        for r in meter_readings(telemetry(n))
     )
     assert sorted(zip(series["timestamps"], series["values"], strict=True)) == expected
 

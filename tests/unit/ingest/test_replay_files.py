@@ -36,9 +36,9 @@ def test_rows_become_readings_of_their_kind(tmp_path: Path) -> None:
     assert rejected == [] and batch is not None
     decoded = codec.decode(TelemetryBatch, batch.value)
     battery, solar = decoded.readings  # sorted by time: 00:00Z comes before 00:01Z
-    assert battery.kind == "battery" and battery.soc_pct == 55.5  # type: ignore[union-attr]
+    assert battery.kind == "battery" and battery.soc_pct == 55.5
     assert battery.ts == datetime(2025, 4, 7, tzinfo=UTC)
-    assert solar.kind == "solar" and solar.irradiance_w_m2 == 800.0  # type: ignore[union-attr]
+    assert solar.kind == "solar" and solar.irradiance_w_m2 == 800.0
     # A column the kind does not have (soc_pct for solar) is not put on the reading.
     assert "soc_pct" not in orjson.loads(batch.value)["readings"][1]
 

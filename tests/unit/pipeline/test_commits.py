@@ -7,7 +7,7 @@ resuming a flow that runs already keeps what the streams have queued (pipeline/c
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from faust.types import TP
@@ -25,7 +25,7 @@ def _consumer_and_topic(make_settings: SettingsFactory) -> tuple[Any, TP]:
     settings = make_settings(broker="127.0.0.1:9")
     app = create_app(settings)
     tp = TP(settings.topic(topics.TELEMETRY), 0)
-    app.topics._acking_topics.add(tp.topic)  # as the conductor does once it subscribes
+    cast(Any, app.topics)._acking_topics.add(tp.topic)  # as the conductor does once it subscribes
     return app.consumer, tp
 
 

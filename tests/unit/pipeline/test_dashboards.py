@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import line_protocol_parser  # type: ignore[import-untyped]
+import line_protocol_parser
 import pytest
 import yaml
 from click.testing import CliRunner

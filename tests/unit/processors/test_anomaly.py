@@ -36,7 +36,7 @@ def series(days: float, seed: int = 1, level_kw: float = 1.0) -> list[float]:
 
 
 def run(values: list[float], kind: str = "home", **settings: object) -> list[Alert]:
-    detector = SignalDetector("s", "d", kind, DetectionSettings(**settings))  # type: ignore[arg-type]
+    detector = SignalDetector("s", "d", kind, DetectionSettings(**settings))
     out: list[Alert] = []
     for k, value in enumerate(values):
         out.extend(detector.observe(START + k * STEP, value))
@@ -202,7 +202,7 @@ def nights(days: int, extra_kw: dict[int, float], seed: int = 3) -> list[tuple[d
 
 
 def run_vampire(readings: list[tuple[datetime, float]], **settings: object) -> list[Alert]:
-    detector = VampireDetector("s", "d", "home", DetectionSettings(**settings))  # type: ignore[arg-type]
+    detector = VampireDetector("s", "d", "home", DetectionSettings(**settings))
     out: list[Alert] = []
     for at, value in readings:
         out.extend(detector.observe(at, value))
@@ -236,7 +236,7 @@ def test_a_vampire_night_does_not_teach_the_baseline() -> None:
 
 def test_idle_windows_over_midnight_and_idle_days() -> None:
     settings = DetectionSettings(
-        idle=[{"start": "22:00", "end": "06:00", "days": ["fri"]}],  # type: ignore[list-item]
+        idle=[{"start": "22:00", "end": "06:00", "days": ["fri"]}],
         idle_days=["sun"],
         holidays=[date(2025, 3, 5)],
     )

@@ -378,7 +378,9 @@ def test_records_do_not_depend_on_whether_readings_or_intensities_came_first() -
     def records(first_readings: bool) -> list[str]:
         engine = CarbonEngine(SITE, cfg(meter_devices=["meter-1"]))
         out: list[EmissionsRecord] = []
-        feeds = [readings, intensities] if first_readings else [intensities, readings]
+        feeds: list[list[Any]] = (
+            [readings, intensities] if first_readings else [intensities, readings]
+        )
         for feed in feeds:
             for item in feed:
                 out += (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 from pipeline.schemas import (
     Alert,
     BatteryReading,
+    Command,
     EvReading,
     HomeReading,
     MeterReading,
@@ -100,7 +102,7 @@ def test_tou_period_follows_local_time_of_day(
     assert alloc_cfg(timezone=zone).tou_period_at(utc) == period
 
 
-def one_hour(extra: list[Reading] | None = None) -> list[Reading]:
+def one_hour(extra: Sequence[Reading] | None = None) -> list[Reading]:
     out: list[Reading] = []
     for minute in range(60):
         out += [
@@ -110,7 +112,7 @@ def one_hour(extra: list[Reading] | None = None) -> list[Reading]:
             BatteryReading(device="bat", ts=at(minute), power_kw=-1.0, soc_pct=50 + minute / 10),
             EvReading(device="ev", ts=at(minute), power_kw=2.0, soc_pct=30, plugged_in=True),
         ]
-    return out + (extra or [])
+    return out + list(extra or [])
 
 
 def inputs_of(readings: list[Reading], **overrides: Any) -> allocation.IntervalInputs:
@@ -161,7 +163,7 @@ def test_intervals_are_planned_once_over_whatever_order_prices_arrive_in() -> No
     plans += engine.on_readings(first, readings)
     # The third hour is not over: no reading at or after 03:00 yet.
     assert [d.plan.start for d in plans] == [T0, T0 + timedelta(hours=1)]
-    closing = [MeterReading(device="m", ts=T0 + timedelta(hours=3), power_kw=1.0)]
+    closing: list[Reading] = [MeterReading(device="m", ts=T0 + timedelta(hours=3), power_kw=1.0)]
     plans += engine.on_readings(first, closing)
     assert len(plans) == 3
 
@@ -184,7 +186,7 @@ def test_readings_replayed_over_a_state_that_counted_them_change_no_plan() -> No
     part of the input again: the interval's means must not count those readings twice."""
     engine = allocation.SiteAllocation(alloc_cfg())
     readings = one_hour()
-    closing = [MeterReading(device="m", ts=T0 + timedelta(hours=1), power_kw=1.0)]
+    closing: list[Reading] = [MeterReading(device="m", ts=T0 + timedelta(hours=1), power_kw=1.0)]
 
     once = allocation.AllocationState()
     engine.on_price(once, T0, T0 + timedelta(hours=1), 0.1)
@@ -338,12 +340,14 @@ def test_the_fleet_replans_at_most_once_per_step_and_warns_once_per_session() ->
     engine = fleet.SiteFleet(fleet_cfg(vehicles=[{**FLEET["vehicles"][0], "max_charge_kw": 3}]))
     state = fleet.FleetState()
     out = engine.on_readings(state, [ev(m, 10) for m in range(0, 40)])
-    commands = [o for o in out if hasattr(o, "command_id")]
+    commands = [o for o in out if isinstance(o, Command)]
     assert [c.issued_at for c in commands] == [at(0), at(15), at(30)]
     assert all(c.dry_run and c.device == "van" for c in commands)
     # 10 % -> 80 % of 50 kWh at 3 kW does not fit before 07:00: one warning only.
-    alerts = [o for o in out if hasattr(o, "alert_id")]
+    alerts = [o for o in out if isinstance(o, Alert)]
     assert len(alerts) == 1 and alerts[0].alert_type == "ev_target_unreachable"
     again = fleet.FleetState.from_json(state.to_json())
     assert engine.on_readings(again, [ev(44, 10)]) == []  # within the step of 00:30
-    assert [o.issued_at for o in engine.on_readings(again, [ev(45, 11)])] == [at(45)]
+    assert [
+        o.issued_at for o in engine.on_readings(again, [ev(45, 11)]) if isinstance(o, Command)
+    ] == [at(45)]
