@@ -154,6 +154,7 @@ def create_app(settings: Settings, *, with_sinks: bool = False) -> faust.App:
     commits.guard_head_of_commits()
     commits.keep_undelivered_unread()
     commits.keep_queued_while_flowing(app)
+    commits.flush_producer_buffer_fully()
     commits.reread_dropped(app)
     # One agent feeds every per-site processor below; it also dead-letters bad telemetry,
     # so it runs even when no site has a processor that uses it.

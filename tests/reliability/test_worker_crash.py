@@ -153,7 +153,22 @@ async def _outputs(settings: Settings) -> dict[str, Counter[bytes]]:
     return out
 
 
-def _points(influxdb: InfluxDB1, database: str) -> dict[str, list[tuple[object, ...]]]:
+async def _keep_evidence(tmp_path: Path, *runs: Settings) -> None:
+    """Every topic of both runs, to tmp_path/evidence: what a failed comparison needs."""
+    evidence = tmp_path / "evidence"
+    evidence.mkdir(exist_ok=True)
+    for settings in runs:
+        for spec in (*OUTPUTS, topics.SITE_CARBON, topics.SITE_PRICES, topics.CARBON):
+            records = await kafka.read_all(settings, spec)
+            lines = [
+                orjson.dumps({"key": (k or b"").decode(), "value": orjson.loads(v)})
+                for k, v in records
+            ]
+            path = evidence / f"{settings.app_id.rsplit('-', 1)[-1]}.{spec.name}.jsonl"
+            path.write_bytes(b"\n".join(lines))
+
+
+def _points(influxdb: InfluxDB1, database: str) -> dict[str, list[tuple[tuple[str, str], ...]]]:
     # The sink's own counters (wattstream_sink: records read, overflow) are about the run,
     # not the data: a restarted sink reads some records twice.
     measurements = [
@@ -217,6 +232,8 @@ async def test_kill_9_mid_replay_then_restart_stores_what_an_uninterrupted_run_s
     assert "detection-state" in restarted_log and "Recovery" in restarted_log, restarted_log[-3000:]
 
     want, got = await _outputs(reference), await _outputs(crashed)
+    if want != got:
+        await _keep_evidence(tmp_path, reference, crashed)
     made = {name: len(messages) for name, messages in want.items()}
     assert all(made.values()), f"the reference run made none of some outputs: {made}"
     for name in want:

@@ -2,15 +2,18 @@
 exception is never safe to commit (pipeline.streams.committed_only_when_done: a message
 marked acknowledged is not acknowledged again), the commit is held at a missing offset,
 partitions stuck behind one are read again, a suspended flow marks nothing read, and
-resuming a flow that runs already keeps what the streams have queued (pipeline/commits.py)."""
+resuming a flow that runs already keeps what the streams have queued, and a flush before a
+commit waits for every queued message (pipeline/commits.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 from faust.types import TP
+from faust.transport.producer import ProducerBuffer
 from faust.types.tuples import ConsumerMessage
 from mode.utils.queues import FlowControlQueue
 
@@ -154,3 +157,31 @@ def test_resuming_a_running_flow_keeps_what_the_streams_have_queued(
     app.flow_control.suspend()
     app.flow_control.resume()
     assert queue.qsize() == 0 and app.flow_control.is_active()
+
+
+async def test_a_flush_waits_for_messages_slower_than_faust_waits_for_one(
+    make_settings: SettingsFactory,
+) -> None:
+    # Faust flushes its producer before it commits; its buffer's flush gave up after 0.1 s
+    # without a message sent, so a table's changelog write could still be queued when the
+    # offsets of its batch were committed. Here each hand-over takes 0.3 s (a loaded client).
+    app = create_app(make_settings(broker="127.0.0.1:9"))
+    handed: list[int] = []
+
+    class SlowClient:
+        async def publish_message(self, fut: Any, wait: bool = False) -> None:
+            await asyncio.sleep(0.3)
+            handed.append(fut.n)
+
+    buffer = ProducerBuffer()
+    buffer.app = app
+    await buffer.start()
+    try:
+        for n in range(3):
+            buffer.put(
+                cast(Any, SimpleNamespace(n=n, message=SimpleNamespace(channel=SlowClient())))
+            )
+        await buffer.flush()
+        assert handed == [0, 1, 2] and buffer.size == 0
+    finally:
+        await buffer.stop()
