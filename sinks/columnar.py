@@ -26,7 +26,6 @@ path.
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import reduce
@@ -206,9 +205,18 @@ _READING_TEXT = {
     kind: tuple(field.name for field in fields if field.json_type == "string")
     for kind, fields in _KIND_FIELDS.items()
 }
-# A JSON object key: a string (escapes included) followed by a colon. A string value
-# that itself holds `"...":` counts too, which only sends its record the slow way.
-_JSON_KEY = re.compile(rb'"(?:[^"\\]|\\.)*"\s*:')
+# Every key in a record's text ends in `":` unless whitespace stands between a key and its
+# colon (JSON allows it; such a record takes the slow way): the count of `":` is then at
+# least the number of keys, more when a string holds `":` (the slow way too). A raw tab or
+# carriage return can only be whitespace: inside a JSON string it must be escaped.
+_SPACED_COLONS = (b'" :', b'"\t:', b'"\r:')
+
+
+def _keys_in_text(value: bytes) -> int | None:
+    """How many keys the record's text holds, counting up; None when it cannot tell."""
+    if any(spaced in value for spaced in _SPACED_COLONS):
+        return None
+    return value.count(b'":')
 
 
 def _texts_ok(record: dict[str, Any], names: tuple[str, ...]) -> bool:
@@ -256,7 +264,8 @@ def _read_like_the_codec(values: Sequence[bytes | None], candidates: list[int]) 
             record = orjson.loads(value)
         except orjson.JSONDecodeError:
             continue
-        if _read_alike(record, len(_JSON_KEY.findall(value))):
+        keys_in_text = _keys_in_text(value)
+        if keys_in_text is not None and _read_alike(record, keys_in_text):
             alike.append(index)
     return alike
 

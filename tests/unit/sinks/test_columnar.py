@@ -160,7 +160,13 @@ def test_agrees_with_pydantic_and_influxdb_client_on_generated_batches(
     values = [record(*readings, batch_id=f"b-{i}") for i, readings in enumerate(batches)]
     taken, _slow = check_agrees(values)
     # Every record pydantic accepts whole is taken: the fast path is not just refusing work.
-    accepted = [i for i, value in enumerate(values) if reference(value) is not None]
+    # But a device id that starts with a colon (`"device":":x"`) reads as one more key to
+    # the count of `":`, which then cannot rule out a duplicate key: that record goes slow.
+    accepted = [
+        i
+        for i, value in enumerate(values)
+        if reference(value) is not None and not any(r["device"].startswith(":") for r in batches[i])
+    ]
     assert taken == accepted
 
 
@@ -179,3 +185,12 @@ def test_a_number_where_text_belongs_takes_the_per_record_path() -> None:
 def test_a_record_that_is_not_utf8_takes_the_per_record_path_alone() -> None:
     good = record(reading())
     assert check_agrees([good, good.replace(b"bat-1", b"bat-\xff"), good]) == ([0, 2], [1])
+
+
+def test_a_key_written_twice_with_a_space_before_its_colon_takes_the_per_record_path() -> None:
+    # `"site" :` is one key the count of `":` does not see: with it a duplicate key would
+    # hide (orjson keeps the last "site", polars the first).
+    good = record(reading())
+    twice = good.replace(b'"site":"turin-home"', b'"site":"turin-home","site" :"other"')
+    assert twice.count(b'"site"') == 2
+    assert check_agrees([good, twice]) == ([0], [1])
