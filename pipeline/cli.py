@@ -489,7 +489,7 @@ def record(
 
 @main.group("simulate")
 def simulate_group() -> None:
-    """Device simulators that publish realistic telemetry (MQTT; SunSpec over Modbus)."""
+    """Device simulators: MQTT telemetry, SunSpec over Modbus, OCPP charge points."""
 
 
 def _simulator_options(function: Any) -> Any:
@@ -784,6 +784,54 @@ def simulate_sunspec(
             await server.stop()
 
     asyncio.run(serve())
+
+
+@simulate_group.command("ocpp")
+@click.option("--url", default="ws://127.0.0.1:9000/ocpp", show_default=True)
+@click.option("--charge-points", type=click.IntRange(1, 10_000), default=2, show_default=True)
+@click.option(
+    "--protocol", type=click.Choice(["mixed", "1.6", "2.0.1"]), default="mixed", show_default=True
+)
+@click.option("--id-prefix", default="SIM-CP-", show_default=True)
+@click.option("--password-env", help="Variable holding the charge points' HTTP Basic password.")
+@click.option("--tls-cafile", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--interval-s", type=float, default=60.0, show_default=True)
+@click.option("--speed", type=float, default=60.0, show_default=True)
+@click.option("--duration-s", type=float, help="Simulated seconds (default: until Ctrl-C).")
+@click.option("--vehicles", type=click.IntRange(min=1), help="Vehicles per charge point.")
+@click.option("--gap-s", type=float, default=1800.0, show_default=True)
+@click.option("--dwell-s", type=float, default=14400.0, show_default=True)
+@click.option("--connect-timeout-s", type=float, help="Give up on a CSMS silent this long.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def simulate_ocpp(password_env: str | None, as_json: bool, **options: Any) -> None:
+    """EV charge points (OCPP 1.6 and 2.0.1 clients) charging cars against a CSMS."""
+    import os
+
+    from pydantic import ValidationError
+
+    from ingest.simulators.ocpp import ChargePointFleet, OcppSimulatorConfig, fleet_summary
+
+    if password_env is not None and not os.environ.get(password_env):
+        raise click.UsageError(f"--password-env: the variable {password_env!r} is not set")
+    password = os.environ[password_env] if password_env else None
+    try:
+        config = OcppSimulatorConfig(
+            password=password, **{k: v for k, v in options.items() if v is not None}
+        )
+    except ValidationError as error:
+        raise click.UsageError(_validation_message(error)) from None
+    setup_logging("WARNING")
+
+    async def run() -> dict[str, Any]:
+        stop = asyncio.Event()
+        _stop_on_signals(stop.set)
+        return fleet_summary(await ChargePointFleet(config).run(stop=stop))
+
+    summary = asyncio.run(run())
+    click.echo(json.dumps(summary) if as_json else " ".join(f"{k}={v}" for k, v in summary.items()))
+    if summary["failed"]:
+        sys.exit(1)
 
 
 # --- schemas, topics, config ------------------------------------------------------------

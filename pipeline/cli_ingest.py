@@ -150,6 +150,20 @@ def ingest_mqtt(obj: Context, connector_config: Path, table: str) -> None:
     )
 
 
+@ingest_group.command("ocpp")
+@_config_argument
+@click.option("--table", default="ocpp", show_default=True, help="TOML table to read.")
+@click.pass_obj
+def ingest_ocpp(obj: Context, connector_config: Path, table: str) -> None:
+    """Serve EV charge points as an OCPP 1.6 / 2.0.1 central system into the telemetry
+    and ev-sessions topics."""
+    from ingest.ocpp import OcppConfig, OcppConnector
+
+    run_connector(
+        obj, connector_config, table, lambda s, p, t: OcppConnector(s, OcppConfig.from_toml(p, t))
+    )
+
+
 @ingest_group.command("tou")
 @_config_argument
 @click.option("--table", default="tou", show_default=True, help="TOML table to read.")

@@ -489,6 +489,49 @@ def dead_letter(
     )
 
 
+# --- EV charging sessions (OCPP) -----------------------------------------------------------
+
+
+class SessionEventType(StrEnum):
+    PLUGGED_IN = "plugged_in"
+    STARTED = "started"
+    STOPPED = "stopped"
+    UNPLUGGED = "unplugged"
+
+
+class ChargingSessionEvent(Message):
+    """One event of an EV charging session at an OCPP charge point. Kafka key: ``site``.
+
+    ``event_id`` is derived from the charge point, connector, transaction, event type
+    and instant (``stable_id``), so a message the charge point sends again (OCPP
+    retries transaction messages) gives the same event, not a second one.
+    """
+
+    event_id: str
+    site: Identifier
+    device: Identifier
+    charge_point_id: str = Field(min_length=1, max_length=48)
+    """The charge point's OCPP identity (the last segment of its WebSocket URL)."""
+    connector_id: int = Field(ge=0)
+    """OCPP 1.6 ``connectorId``; OCPP 2.0.1 ``evse.id``."""
+    transaction_id: str | None = None
+    """OCPP 1.6: the integer the central system assigned; 2.0.1: the charge point's id."""
+    event_type: SessionEventType
+    ocpp_version: Literal["1.6", "2.0.1"]
+    id_token_hash: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
+    """Pseudonym of the id token (RFID UID, contract id): the first 16 hex digits of
+    its HMAC-SHA256 under the CSMS's ``id_token_hash_key``, or of its SHA-256 without
+    one. The token itself is personal data and is never stored."""
+    energy_kwh: NonNegative | None = None
+    """Energy delivered in the session up to the event; at ``stopped``, the session's
+    total. None when the session's start register is unknown. [kWh]"""
+    import_energy_kwh: NonNegative | None = None
+    """The charge point's energy register at the event, if known. [kWh]"""
+    stop_reason: str | None = None
+    """``stopped`` only: OCPP's reason, e.g. ``EVDisconnected``, ``Local``, ``Remote``."""
+    ts: UtcDatetime
+
+
 ALL_MESSAGES: tuple[type[Message], ...] = (
     TelemetryBatch,
     PriceTick,
@@ -500,6 +543,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     CertificateEvent,
     Command,
     DeadLetter,
+    ChargingSessionEvent,
 )
 
 

@@ -144,6 +144,15 @@ DEAD_LETTERS = TopicSpec(
     retention_ms=30 * DAY_MS,
     description="Records that could not be parsed or validated, with the reason and raw bytes.",
 )
+EV_SESSIONS = TopicSpec(
+    "wattstream.ev-sessions",
+    schemas.ChargingSessionEvent,
+    key="site",
+    # Session records back billing and yearly charging statistics.
+    retention_ms=400 * DAY_MS,
+    description="EV charging session events from OCPP charge points: plug-in, "
+    "transaction start, stop (with the energy delivered), unplug.",
+)
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     TELEMETRY,
@@ -158,6 +167,7 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     CERTIFICATES,
     COMMANDS,
     DEAD_LETTERS,
+    EV_SESSIONS,
 )
 
 

@@ -65,6 +65,7 @@ DEFAULT_TOPICS = (
     topics.EMISSIONS,
     topics.CERTIFICATES,
     topics.COMMANDS,
+    topics.EV_SESSIONS,
 )
 """Every topic with a line-protocol mapping: what Grafana's dashboards read."""
 

@@ -34,6 +34,7 @@ from pipeline.schemas import (
     AllocationPlan,
     CarbonIntensity,
     CertificateEvent,
+    ChargingSessionEvent,
     Command,
     Decision,
     EmissionsRecord,
@@ -284,6 +285,29 @@ def command_lines(command: Command) -> list[bytes]:
     ]
 
 
+def session_lines(event: ChargingSessionEvent) -> list[bytes]:
+    return [
+        point_line(
+            "ev_session",
+            {
+                "site": event.site,
+                "device": event.device,
+                "charge_point_id": event.charge_point_id,
+                "event_type": event.event_type.value,
+            },
+            {
+                "energy_kwh": event.energy_kwh,
+                "import_energy_kwh": event.import_energy_kwh,
+                "event_id": event.event_id,
+                "transaction_id": event.transaction_id,
+                "stop_reason": event.stop_reason,
+                "id_token_hash": event.id_token_hash,
+            },
+            event_ns(event.ts, event.event_id),
+        )
+    ]
+
+
 LINES_BY_SCHEMA: dict[type[BaseModel], Callable[[Any], list[bytes]]] = {
     TelemetryBatch: telemetry_lines,
     PriceTick: price_lines,
@@ -294,4 +318,5 @@ LINES_BY_SCHEMA: dict[type[BaseModel], Callable[[Any], list[bytes]]] = {
     EmissionsRecord: emissions_lines,
     CertificateEvent: certificate_lines,
     Command: command_lines,
+    ChargingSessionEvent: session_lines,
 }

@@ -2238,6 +2238,21 @@ _SAMPLE_DATA: dict[str, dict[str, Any]] = {
         "component": "c",
         "received_at": _T0,
     },
+    "ChargingSessionEvent": {
+        "event_id": "evs-1",
+        "site": "s",
+        "device": "wallbox-1",
+        "charge_point_id": "CP-001",
+        "connector_id": 1,
+        "transaction_id": "17",
+        "event_type": "stopped",
+        "ocpp_version": "1.6",
+        "id_token_hash": "0123456789abcdef",
+        "energy_kwh": 12.5,
+        "import_energy_kwh": 1234.5,
+        "stop_reason": "EVDisconnected",
+        "ts": _T1,
+    },
 }
 SAMPLES: dict[type[Message], Message] = {
     model: model.model_validate(_SAMPLE_DATA[model.__name__]) for model in ALL_MESSAGES

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from pipeline.schemas import Alert, AllocationPlan, Decision, PriceTick, TelemetryBatch
+from pipeline.schemas import (
+    Alert,
+    AllocationPlan,
+    ChargingSessionEvent,
+    Decision,
+    PriceTick,
+    TelemetryBatch,
+)
 from sinks.lineprotocol import (
     alert_lines,
     allocation_lines,
     decision_lines,
     epoch_ns,
     price_lines,
+    session_lines,
     telemetry_lines,
 )
 
@@ -163,6 +171,31 @@ def test_allocation_plan_gives_a_plan_point_and_one_point_per_consumer() -> None
     assert b"solar_kw=3" in plan_line and b"grid_kw=2" in plan_line and b"saving=0.4" in plan_line
     assert hvac.startswith(b"allocation,consumer=hvac,priority=1,site=s ")
     assert b"unserved_kw=1" in hvac and b"solar_kw=3" in hvac
+
+
+def test_a_session_event_is_a_point_with_its_energy_and_the_tokens_pseudonym() -> None:
+    event = ChargingSessionEvent(
+        event_id="evs-1",
+        site="s",
+        device="wallbox-1",
+        charge_point_id="CP-001",
+        connector_id=1,
+        transaction_id="17",
+        event_type="stopped",
+        ocpp_version="2.0.1",
+        id_token_hash="0123456789abcdef",
+        energy_kwh=12.0,
+        stop_reason="EVDisconnected",
+        ts=T0,
+    )
+    (line,) = session_lines(event)
+    assert line.startswith(
+        b"ev_session,charge_point_id=CP-001,device=wallbox-1,event_type=stopped,site=s "
+    )
+    assert b" energy_kwh=12," in line and b'stop_reason="EVDisconnected"' in line  # a float
+    assert b'id_token_hash="0123456789abcdef"' in line
+    assert b"import_energy_kwh" not in line  # None is omitted
+    assert 0 <= int(line.rsplit(b" ", 1)[1]) - T0_NS < 1_000_000
 
 
 def test_every_output_topic_has_a_mapping() -> None:
