@@ -70,6 +70,7 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
 from ingest import sunspec
+from ingest.batching import site_batches
 from ingest.config import TomlConfig, check_unique_devices
 from ingest.running import gather_until_stopped
 from pipeline import codec, kafka, topics
@@ -81,7 +82,6 @@ from pipeline.schemas import (
     Identifier,
     Reading,
     Severity,
-    TelemetryBatch,
     dead_letter,
     stable_id,
 )
@@ -720,16 +720,10 @@ class ModbusConnector:
             return
         pending = {site: list(readings) for site, readings in self._pending.items()}
         futures = []
-        for site, readings in pending.items():
-            batch = TelemetryBatch(
-                batch_id=_batch_id(self.config.source, site, readings),
-                site=site,
-                source=self.config.source,
-                readings=readings,
-            )
+        for batch in site_batches(self.config.source, pending):
             futures.append(
                 await self._producer.send(
-                    self._telemetry_topic, codec.encode(batch), key=site.encode()
+                    self._telemetry_topic, codec.encode(batch), key=batch.site.encode()
                 )
             )
         await asyncio.gather(*futures)
@@ -748,13 +742,6 @@ class ModbusConnector:
 def _alert_id(device: ModbusDevice, outage_start: datetime) -> str:
     return stable_id(
         "alert", "device_offline", device.site, device.device, outage_start.isoformat()
-    )
-
-
-def _batch_id(source: str, site: str, readings: Sequence[Reading]) -> str:
-    """Derived from the readings' identities: the same readings give the same id."""
-    return stable_id(
-        "bat", source, site, *(f"{r.kind}/{r.device}/{r.ts.isoformat()}" for r in readings)
     )
 
 

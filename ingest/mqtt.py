@@ -102,6 +102,7 @@ from pydantic import (
     model_validator,
 )
 
+from ingest.batching import site_batches
 from ingest.config import TomlConfig
 from pipeline import codec, kafka, topics
 from pipeline.schemas import (
@@ -109,9 +110,7 @@ from pipeline.schemas import (
     READING_MODELS,
     Identifier,
     Reading,
-    TelemetryBatch,
     dead_letter,
-    stable_id,
 )
 from pipeline.settings import Settings
 
@@ -804,20 +803,13 @@ class MqttConnector:
                 by_site[site].append(reading)
         futures = []
         batches = 0
-        for site, readings in by_site.items():
-            for chunk in _chunks(readings, self.config.batch_max_readings):
-                batch = TelemetryBatch(
-                    batch_id=_batch_id(self.config.source, site, chunk),
-                    site=site,
-                    source=self.config.source,
-                    readings=chunk,
+        for batch in site_batches(self.config.source, by_site, self.config.batch_max_readings):
+            futures.append(
+                await self._producer.send(
+                    self._telemetry_topic, codec.encode(batch), key=batch.site.encode()
                 )
-                futures.append(
-                    await self._producer.send(
-                        self._telemetry_topic, codec.encode(batch), key=site.encode()
-                    )
-                )
-                batches += 1
+            )
+            batches += 1
         letters = 0
         for item in pending:
             for rejection in item.parsed.rejections:
@@ -1023,18 +1015,6 @@ async def join_network_thread(client: paho.Client) -> None:
         await asyncio.wait_for(done, 10.0)
     except TimeoutError:
         log.warning("paho network thread did not stop within 10 s")
-
-
-def _chunks(items: list[Reading], size: int) -> Iterator[list[Reading]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _batch_id(source: str, site: str, readings: list[Reading]) -> str:
-    """Derived from the readings' identities, so a redelivered burst gets the same id."""
-    return stable_id(
-        "bat", source, site, *(f"{r.kind}/{r.device}/{r.ts.isoformat()}" for r in readings)
-    )
 
 
 __all__ = [
