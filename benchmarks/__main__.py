@@ -26,6 +26,7 @@ import orjson
 
 from benchmarks.e2e import bench_e2e, bench_scale_out
 from benchmarks.memory import bench_memory
+from benchmarks.ocpp import bench_ocpp
 from benchmarks.peer import bench_peer
 from benchmarks.scram import bench_scram_latency
 from benchmarks.steps import bench_steps
@@ -428,6 +429,7 @@ BENCHES: dict[str, Callable[[], dict[str, float]]] = {
     "scale-out": bench_scale_out,
     "peer": bench_peer,
     "memory": bench_memory,
+    "ocpp": bench_ocpp,
 }
 
 # The figures the performance issue names, taken from the benchmarks that measure them.

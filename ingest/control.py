@@ -1007,7 +1007,7 @@ class ControlStats:
 
 
 @dataclass(frozen=True)
-class _Ref:
+class CommandRef:
     """Where a command came from, so its offset is released once it is audited."""
 
     partition: TopicPartition
@@ -1017,7 +1017,7 @@ class _Ref:
 @dataclass(frozen=True)
 class _Pending:
     plan: Plan
-    ref: _Ref
+    ref: CommandRef
 
 
 @dataclass
@@ -1028,7 +1028,7 @@ class _DeviceState:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class _Offsets:
+class AuditedOffsets:
     """Commit positions that never pass a command whose outcome is not audited yet."""
 
     def __init__(self) -> None:
@@ -1036,11 +1036,11 @@ class _Offsets:
         self.next: dict[TopicPartition, int] = {}
         self.committed: dict[TopicPartition, int] = {}
 
-    def received(self, ref: _Ref) -> None:
+    def received(self, ref: CommandRef) -> None:
         self.unresolved[ref.partition].add(ref.offset)
         self.next[ref.partition] = max(self.next.get(ref.partition, 0), ref.offset + 1)
 
-    def resolved(self, ref: _Ref) -> None:
+    def resolved(self, ref: CommandRef) -> None:
         self.unresolved[ref.partition].discard(ref.offset)
 
     def to_commit(self, assigned: set[TopicPartition]) -> dict[TopicPartition, int]:
@@ -1107,7 +1107,7 @@ class ControlConnector:
             self._devices[(device.site, device.device)] = _DeviceState(
                 device, target, RateLimit(device.min_interval_s)
             )
-        self._offsets = _Offsets()
+        self._offsets = AuditedOffsets()
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._stop_requested = asyncio.Event()
@@ -1206,7 +1206,7 @@ class ControlConnector:
             batches = await consumer.getmany(timeout_ms=200, max_records=500)
             for tp, records in batches.items():
                 for record in records:
-                    ref = _Ref(tp, record.offset)
+                    ref = CommandRef(tp, record.offset)
                     self._offsets.received(ref)
                     await self._handle(record, ref)
             try:
@@ -1223,7 +1223,7 @@ class ControlConnector:
             await consumer.commit(positions)
             self._offsets.committed.update(positions)
 
-    async def _handle(self, record: ConsumerRecord[bytes, bytes], ref: _Ref) -> None:
+    async def _handle(self, record: ConsumerRecord[bytes, bytes], ref: CommandRef) -> None:
         self.stats.commands += 1
         try:
             command = codec.decode(Command, record.value or b"")
@@ -1343,7 +1343,7 @@ class ControlConnector:
         await self._finish(plan, pending.ref, Outcome.FAILED, detail, sent=True)
 
     async def _finish(
-        self, plan: Plan, ref: _Ref, outcome: Outcome, detail: str, *, sent: bool = False
+        self, plan: Plan, ref: CommandRef, outcome: Outcome, detail: str, *, sent: bool = False
     ) -> None:
         note = plan.clamp_note()
         if note:
@@ -1354,7 +1354,7 @@ class ControlConnector:
 
     # -- producing --
 
-    async def _audit(self, record: Command, ref: _Ref) -> None:
+    async def _audit(self, record: Command, ref: CommandRef) -> None:
         """Produce the audit record; the command's offset is released once Kafka has it."""
         if await self._send(self._audit_topic, codec.encode(record), record.site):
             counter = audit_outcome(record).value.replace("-", "_")
@@ -1363,7 +1363,7 @@ class ControlConnector:
             self._offsets.resolved(ref)
 
     async def _dead_letter(
-        self, record: ConsumerRecord[bytes, bytes], error: codec.DecodeError, ref: _Ref
+        self, record: ConsumerRecord[bytes, bytes], error: codec.DecodeError, ref: CommandRef
     ) -> None:
         log.warning(
             "control: command at %s/%d does not decode: %s (dead-lettered)",

@@ -102,6 +102,8 @@ TLS 1.2 at least. Profile 3 (client certificates) is not supported.
 
 The CSMS side of smart charging is :meth:`OcppConnector.set_charging_limit`: it sends a
 TxProfile SetChargingProfile (or ClearChargingProfile) and returns the charger's answer.
+With ``[ocpp.control]`` the CSMS also consumes the commands topic and applies the commands
+for its charge points through it, audited, dry-run unless enabled (:mod:`ingest.ocpp_control`).
 """
 
 from __future__ import annotations
@@ -117,13 +119,13 @@ import os
 import ssl
 import sys
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Literal, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 from urllib.parse import unquote, urlsplit
 
 from aiokafka import AIOKafkaProducer
@@ -161,6 +163,11 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from ingest.config import TomlConfig, check_unique_devices
+from ingest.control import AUDIT_TOPIC
+
+if TYPE_CHECKING:
+    from ingest.ocpp_control import OcppCommandConsumer
+from ingest.batching import site_batches
 from pipeline import codec, kafka, topics
 from pipeline.backoff import Backoff
 from pipeline.schemas import (
@@ -168,8 +175,8 @@ from pipeline.schemas import (
     DeadLetter,
     EvReading,
     Identifier,
+    Reading,
     SessionEventType,
-    TelemetryBatch,
     UtcDatetime,
     dead_letter,
     stable_id,
@@ -345,6 +352,30 @@ class _Device:
     device: str
 
 
+class OcppControlConfig(BaseModel):
+    """``[ocpp.control]``: the CSMS also applies ``Command``s to its charge points (see
+    :mod:`ingest.ocpp_control`). Names and defaults follow ``[control]`` (ingest/control.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    enabled: bool = False
+    """The master switch. False: audit what would be sent (dry-run), send nothing."""
+    group_id: str | None = Field(default=None, min_length=1)
+    """Consumer group; None: ``<app_id>.ocpp-control`` (not the control connector's: both
+    read every command, each applies those of its own devices)."""
+    audit_topic: str = Field(default=AUDIT_TOPIC, pattern=r"^[A-Za-z0-9._\-]+$")
+    """Where audit records go (the deployment's topic_prefix is added); control.py's."""
+    respect_command_dry_run: bool = True
+    """A command marked ``dry_run`` is never sent, even when enabled."""
+    max_command_age_s: float = Field(default=300.0, gt=0)
+    """A command without ``valid_until`` issued longer ago is skipped (as control.py). [s]"""
+    min_interval_s: float = Field(default=10.0, ge=0, le=86_400)
+    """At most one command per charge point connector per interval; a newer one replaces
+    the pending one. 10 s: as control.py; a charger ramps in seconds. [s]"""
+    produce_retry_max_s: float = Field(default=30.0, gt=0)
+    """Backoff ceiling while Kafka does not take an audit record. [s]"""
+
+
 class OcppConfig(TomlConfig):
     """Settings of the OCPP central system; validated at construction, no network calls.
 
@@ -398,9 +429,12 @@ class OcppConfig(TomlConfig):
     """How long a request to a charge point (set_charging_limit) waits. [s]"""
     batch_max_readings: int = Field(default=500, ge=1, le=100_000)
     """Readings per telemetry batch and per flush. [readings]"""
-    batch_max_wait_s: float = Field(default=0.5, gt=0, le=30)
+    batch_max_wait_s: float = Field(default=0.1, gt=0, le=30)
     """Longest a reading waits in memory before it is produced; each charge point's
-    answer waits for its produce, so this is also added to its round trip. [s]"""
+    answer waits for its produce, so this is also added to its round trip, and to a
+    charging limit sent meanwhile (the ocpp package reads a connection's next frame only
+    once the handler before it has answered): 0.5 s made the command-to-profile p99
+    267 ms, 0.05 s 10 ms. [s]"""
     ack_timeout_s: float = Field(default=20.0, gt=0)
     """How long a message waits for Kafka before it is answered InternalError (the
     charge point retries): below the chargers' own response timeout, often 30 s. [s]"""
@@ -409,6 +443,9 @@ class OcppConfig(TomlConfig):
     and stay queued in the charge points. [readings]"""
     produce_retry_max_s: float = Field(default=30.0, gt=0)
     """Backoff ceiling between attempts to produce a flush while Kafka fails. [s]"""
+    control: OcppControlConfig | None = None
+    """Present (``[ocpp.control]``): consume the commands topic and apply its commands for
+    these charge points as charging profiles; dry-run unless ``enabled``."""
 
     @model_validator(mode="before")
     @classmethod
@@ -1597,6 +1634,9 @@ class OcppConnector:
         self._running = False
         self._run_done = asyncio.Event()
         self._closed = False
+        self.control: OcppCommandConsumer | None = None
+        """The command consumer, when the config has ``control`` (after ``start()``)."""
+        self._control_task: asyncio.Task[None] | None = None
 
     # -- lifecycle --
 
@@ -1625,6 +1665,17 @@ class OcppConnector:
             await producer.stop()
             raise
         log.info("ocpp CSMS listening on %s", self.url)
+        if self.config.control is not None and self.control is None:
+            # Imported here: ingest.ocpp_control builds on this module.
+            from ingest.ocpp_control import OcppCommandConsumer
+
+            control = OcppCommandConsumer(self, self.config.control)
+            try:
+                await control.start()
+            except BaseException:
+                await self.stop()
+                raise
+            self.control = control
 
     @property
     def port(self) -> int:
@@ -1650,6 +1701,9 @@ class OcppConnector:
         loop = asyncio.get_running_loop()
         self._running = True
         self._run_done.clear()
+        if self.control is not None and self._control_task is None:
+            self._control_task = asyncio.create_task(self.control.run(), name="ocpp-control")
+            self._control_task.add_done_callback(_report_control_end)
         try:
             while not self._stop_requested.is_set():
                 timeout_s = None
@@ -1681,6 +1735,13 @@ class OcppConnector:
         self._closed = True
         self._stop_requested.set()
         self._wake.set()
+        # Control first, while the connections are up. A command cut short is neither
+        # audited nor committed: the next run handles it.
+        if self._control_task is not None:
+            self._control_task.cancel()
+            await asyncio.gather(self._control_task, return_exceptions=True)
+        if self.control is not None:
+            await self.control.stop()
         server = self._server
         if server is not None:
             server.close(close_connections=True)
@@ -2009,26 +2070,19 @@ class OcppConnector:
             return
         assert self._producer is not None
         pending = list(self._buffer)
-        by_site: dict[str, list[EvReading]] = defaultdict(list)
+        by_site: dict[str, list[Reading]] = defaultdict(list)
         for item in pending:
             for site, reading in item.readings:
                 by_site[site].append(reading)
         futures = []
         batches = 0
-        for site, readings in by_site.items():
-            for chunk in _chunks(readings, self.config.batch_max_readings):
-                batch = TelemetryBatch(
-                    batch_id=_batch_id(self.config.source, site, chunk),
-                    site=site,
-                    source=self.config.source,
-                    readings=chunk,
+        for batch in site_batches(self.config.source, by_site, self.config.batch_max_readings):
+            futures.append(
+                await self._producer.send(
+                    self._telemetry_topic, codec.encode(batch), key=batch.site.encode()
                 )
-                futures.append(
-                    await self._producer.send(
-                        self._telemetry_topic, codec.encode(batch), key=site.encode()
-                    )
-                )
-                batches += 1
+            )
+            batches += 1
         events = 0
         letters = 0
         for item in pending:
@@ -2071,6 +2125,12 @@ class OcppConnector:
         )
 
 
+def _report_control_end(task: asyncio.Task[None]) -> None:
+    # The charge points' telemetry goes on without the control path; say so loudly.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("ocpp control stopped: %r; commands are no longer applied", task.exception())
+
+
 def _select_subprotocol(connection: ServerConnection, subprotocols: Any) -> Subprotocol | None:
     """Our preferred OCPP version among those offered; None (then a close) if none."""
     for name in SUBPROTOCOLS:
@@ -2081,18 +2141,6 @@ def _select_subprotocol(connection: ServerConnection, subprotocols: Any) -> Subp
 
 def _excerpt(raw: str | bytes) -> str | bytes:
     return raw[:_EXCERPT_CHARS]
-
-
-def _chunks(items: list[EvReading], size: int) -> Iterator[list[EvReading]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _batch_id(source: str, site: str, readings: list[EvReading]) -> str:
-    """Derived from the readings' identities, so a repeated message gets the same id."""
-    return stable_id(
-        "bat", source, site, *(f"{r.kind}/{r.device}/{r.ts.isoformat()}" for r in readings)
-    )
 
 
 __all__ = [
@@ -2107,6 +2155,7 @@ __all__ = [
     "OcppConfig",
     "OcppConnector",
     "OcppConnectorError",
+    "OcppControlConfig",
     "OcppStats",
     "Outcome",
     "Rejection",
