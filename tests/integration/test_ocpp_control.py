@@ -17,6 +17,7 @@ from ingest.simulators.ocpp import ChargePointFleet, SimulatedChargePoint
 from pipeline import codec, kafka, topics
 from pipeline.schemas import Command, stable_id
 from pipeline.settings import Settings
+from tests.integration.test_control_connector import send_commands
 from tests.integration.test_ocpp import (
     eventually,
     fleet_config,
@@ -47,19 +48,6 @@ def command(
         **fields,
     }
     return Command(**values)
-
-
-async def send_commands(settings: Settings, commands: list[Command]) -> None:
-    producer = kafka.producer(settings)
-    await producer.start()
-    try:
-        for item in commands:
-            await producer.send(
-                settings.topic(topics.COMMANDS), codec.encode(item), key=item.site.encode()
-            )
-        await producer.flush()
-    finally:
-        await producer.stop()
 
 
 async def audits(settings: Settings, csms: OcppConnector) -> dict[str, Command]:
