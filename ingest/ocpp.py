@@ -1611,9 +1611,18 @@ class OcppConnector:
     ...     await csms.run()  # until cancelled or stop()
     """
 
-    def __init__(self, settings: Settings, config: OcppConfig) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        config: OcppConfig,
+        *,
+        control_clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        """``control_clock``: the time the control path judges commands' expiry by (the
+        wall clock by default; a simulation's clock in the demo)."""
         self.settings = settings
         self.config = config
+        self._control_clock = control_clock
         self.stats = OcppStats()
         self.sessions: dict[str, ChargePointSession] = {}
         """Per charge point id, kept across its connections."""
@@ -1669,7 +1678,11 @@ class OcppConnector:
             # Imported here: ingest.ocpp_control builds on this module.
             from ingest.ocpp_control import OcppCommandConsumer
 
-            control = OcppCommandConsumer(self, self.config.control)
+            control = (
+                OcppCommandConsumer(self, self.config.control)
+                if self._control_clock is None
+                else OcppCommandConsumer(self, self.config.control, clock=self._control_clock)
+            )
             try:
                 await control.start()
             except BaseException:

@@ -133,8 +133,11 @@ class BadRow:
 class OutgoingBatch:
     site: str
     event_time_ms: int
+    """Its first reading's time (epoch ms): where it goes in the merged timeline."""
     value: bytes
     readings: int
+    last_event_ms: int
+    """Its last reading's time (epoch ms)."""
 
 
 @dataclass
@@ -148,6 +151,8 @@ class ReplayStats:
     rounds: int = 0
     records_sent: int = 0
     """Records of a raw recording sent (every topic)."""
+    last_event_ms: int | None = None
+    """Event time of the latest telemetry batch sent (epoch ms), after any rebase."""
     bad_row_samples: list[str] = field(default_factory=list)
 
 
@@ -340,7 +345,9 @@ def _batches_of_site(
         limit = min(rows.height, start + replay.batch_max_readings)
         while end < limit and times_ms[end] - times_ms[start] < window_ms:
             end += 1
-        yield _validated_batch(site, rows.slice(start, end - start), source, times_ms[start], salt)
+        yield _validated_batch(
+            site, rows.slice(start, end - start), source, (times_ms[start], times_ms[end - 1]), salt
+        )
         start = end
 
 
@@ -367,15 +374,20 @@ def _batch_json(site: str, chunk: pl.DataFrame, source: str, batch_id: str) -> b
 
 
 def _validated_batch(
-    site: str, chunk: pl.DataFrame, source: str, event_time_ms: int, salt: tuple[int, ...] = ()
+    site: str,
+    chunk: pl.DataFrame,
+    source: str,
+    span_ms: tuple[int, int],
+    salt: tuple[int, ...] = (),
 ) -> tuple[OutgoingBatch | None, list[BadRow]]:
+    """``span_ms``: the chunk's first and last reading times (epoch ms)."""
     first_row = int(chunk["_row"][0])
     batch_id = stable_id("bat", source, site, first_row, *salt)
     raw = _batch_json(site, chunk, source, batch_id)
     try:
         # One validation in Rust of exactly the bytes that will be sent.
         TelemetryBatch.model_validate_json(raw)
-        return OutgoingBatch(site, event_time_ms, raw, chunk.height), []
+        return OutgoingBatch(site, span_ms[0], raw, chunk.height, span_ms[1]), []
     except ValidationError:
         pass  # some row is bad: the row-by-row path below names it and keeps the rest
     rows = _readings_of(chunk)
@@ -399,7 +411,7 @@ def _validated_batch(
         source=source,
         readings=readings,
     )
-    return OutgoingBatch(site, event_time_ms, codec.encode(batch), len(readings)), bad
+    return OutgoingBatch(site, span_ms[0], codec.encode(batch), len(readings), span_ms[1]), bad
 
 
 # --- time shifting (pure) ---------------------------------------------------------------
@@ -719,6 +731,10 @@ class Replay:
                 )
                 self.stats.readings_sent += batch.readings
                 self.stats.batches_sent += 1
+                if self.stats.last_event_ms is None or batch.last_event_ms > (
+                    self.stats.last_event_ms
+                ):
+                    self.stats.last_event_ms = batch.last_event_ms
             if len(pending) >= 256:
                 await asyncio.gather(*pending)
                 pending.clear()

@@ -97,9 +97,18 @@ def main(ctx: click.Context, config: Path | None) -> None:
     show_default=True,
     help="Carbon intensity (or generation mix) file for the sites' zone.",
 )
+@click.option(
+    "--ev/--no-ev",
+    "ev_charging",
+    default=True,
+    show_default=True,
+    help="End with the fleet's EVs charging over OCPP (simulated charge points).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_obj
-def demo(obj: Context, telemetry: Path, prices: Path, carbon: Path, as_json: bool) -> None:
+def demo(
+    obj: Context, telemetry: Path, prices: Path, carbon: Path, ev_charging: bool, as_json: bool
+) -> None:
     """Run the whole pipeline on the bundled sample and print a summary.
 
     With no WATTSTREAM_BROKER it starts the embedded broker. Points go to
@@ -121,7 +130,12 @@ def demo(obj: Context, telemetry: Path, prices: Path, carbon: Path, as_json: boo
     try:
         with DemoProgress(enabled=not as_json) as progress:
             result = run_demo(
-                settings, telemetry, prices, on_progress=progress.update, carbon_path=carbon
+                settings,
+                telemetry,
+                prices,
+                on_progress=progress.update,
+                carbon_path=carbon,
+                ev_charging=ev_charging,
             )
     except SettingsError as error:  # a site's processor section, checked as the app is built
         click.echo(f"wattstream: {error}", err=True)

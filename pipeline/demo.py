@@ -2,7 +2,9 @@
 
 embedded broker -> the zone's carbon intensity (a generation-mix file, through the
 carbon feed) and a replay of the bundled sample (telemetry + prices) -> every agent
-(Faust, in this process) -> decisions, alerts, emissions, certificates... ->
+(Faust, in this process) -> decisions, alerts, emissions, certificates... -> then the
+night after the sample, EV charging over OCPP (:mod:`pipeline.demo_ev`: simulated
+charge points, the CSMS, the fleet agent's setpoints as charging profiles) ->
 InfluxDB sink (a server if ``WATTSTREAM_INFLUX_URL`` is set, else a
 line-protocol file) -> a summary read back from the decisions topic.
 """
@@ -20,6 +22,7 @@ from typing import Any
 
 from pipeline import codec, kafka, topics
 from pipeline.app import agent_input_topics, create_app
+from pipeline.demo_ev import EvChargingResult, run_ev_charging, stage_start, task_error
 from pipeline.local import EmbeddedBroker, with_embedded_broker
 from pipeline.report import DecisionSummary, SiteCarbon, summarize, summarize_carbon
 from pipeline.report_html import write_report
@@ -47,6 +50,7 @@ class DemoResult:
     broker: str
     report_path: Path | None = None
     carbon: dict[str, SiteCarbon] = field(default_factory=dict)
+    ev_charging: EvChargingResult | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +66,7 @@ class DemoResult:
             "report": str(self.report_path) if self.report_path else None,
             "summary": self.summary.as_dict(),
             "carbon": {site: c.as_dict() for site, c in self.carbon.items()},
+            "ev_charging": self.ev_charging.as_dict() if self.ev_charging else None,
         }
 
 
@@ -94,8 +99,12 @@ async def run_pipeline(
     drain_timeout_s: float = 300.0,
     report_dir: Path | None = None,
     carbon_path: Path | None = None,
+    ev_charging: bool = True,
 ) -> DemoResult:
-    """Run replay, agents and sink against ``settings.broker`` until everything is stored."""
+    """Run replay, agents and sink against ``settings.broker`` until everything is stored.
+
+    ``ev_charging``: then the EV stage (:mod:`pipeline.demo_ev`), if a site has a fleet.
+    """
     # The demo composes every part; importing the connectors here keeps `pipeline` free of
     # an import-time dependency on `ingest`.
     from ingest.carbon import CarbonFeed, CarbonFeedConfig
@@ -155,6 +164,25 @@ async def run_pipeline(
         replay = Replay(settings, telemetry_path, prices_path, on_progress=on_replay)
         replay_stats = await replay.run()
 
+        ev_result = None
+        if ev_charging:
+            report("waiting for the agents to reach the end of the sample")
+            # The night after the sample: the depot's readings must stay in event order.
+            await kafka.wait_until_drained(
+                settings,
+                {settings.app_id: [settings.topic(topics.TELEMETRY)]},
+                timeout_s=drain_timeout_s,
+                failed=lambda: app.crash_reason,
+            )
+            ev_result = await run_ev_charging(
+                settings,
+                stage_start(replay_stats.last_event_ms),
+                group_id=settings.app_id,
+                failed=lambda: app.crash_reason or task_error(sink_task),
+                on_stage=report,
+                drain_timeout_s=drain_timeout_s,
+            )
+
         report("waiting for agents and sink to catch up")
         watcher = asyncio.create_task(_watch_sink(sink, progress, report))
         try:
@@ -165,7 +193,7 @@ async def run_pipeline(
                     sink.group_id: sink.topic_names,
                 },
                 timeout_s=drain_timeout_s,
-                failed=lambda: app.crash_reason or _task_error(sink_task),
+                failed=lambda: app.crash_reason or task_error(sink_task),
             )
         finally:
             watcher.cancel()
@@ -209,11 +237,8 @@ async def run_pipeline(
         broker=str(settings.broker),
         report_path=report_path,
         carbon=carbon,
+        ev_charging=ev_result,
     )
-
-
-def _task_error(task: asyncio.Task[None]) -> BaseException | None:
-    return task.exception() if task.done() and not task.cancelled() else None
 
 
 async def _watch_sink(sink: InfluxSink, progress: Progress, report: Callable[[], None]) -> None:
@@ -230,6 +255,7 @@ def run_demo(
     on_progress: ProgressCallback | None = None,
     report_dir: Path | None = Path("out"),
     carbon_path: Path | None = None,
+    ev_charging: bool = True,
 ) -> DemoResult:
     """The demo, starting the embedded broker when no broker is configured."""
 
@@ -242,6 +268,7 @@ def run_demo(
                 on_progress,
                 report_dir=report_dir,
                 carbon_path=carbon_path,
+                ev_charging=ev_charging,
             )
         )
 

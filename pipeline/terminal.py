@@ -13,6 +13,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from pipeline.demo import DemoResult
     from pipeline.demo import Progress as DemoState
+    from pipeline.demo_ev import EvChargingResult
 
 # Off a terminal (CI logs, pipes) rich assumes 80 columns and truncates the table.
 console = Console() if sys.stdout.isatty() else Console(width=120)
@@ -93,6 +94,8 @@ def print_demo_result(result: DemoResult) -> None:
     console.print(table)
     if result.carbon:
         console.print(_carbon_table(result))
+    if result.ev_charging is not None:
+        console.print(_ev_table(result.ev_charging))
     console.print(
         f"readings replayed {result.readings_replayed:,} (bad rows {result.bad_rows}), "
         f"prices {result.prices_replayed}, dead letters {result.dead_letters}, "
@@ -133,5 +136,43 @@ def _carbon_table(result: DemoResult) -> Table:
             f"{c.minted_mwh:.3f}",
             f"{c.burned_mwh:.3f}",
             str(c.follow_sun_windows),
+        )
+    return table
+
+
+def _ev_table(ev: EvChargingResult) -> Table:
+    local = f"{ev.start:%Y-%m-%d %H:%M} UTC"
+    table = Table(
+        title=f"EV charging over OCPP from {local}: fleet setpoints -> charging profiles "
+        f"(the setpoints of one step at most {ev.peak_setpoints_kw:.1f} kW together)",
+        title_justify="left",
+    )
+    for column in (
+        "charge point",
+        "OCPP",
+        "vehicle",
+        "sessions",
+        "kWh",
+        "setpoints",
+        "profiles sent",
+        "not applied",
+        "mean limit kW",
+        "reports within limit",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("charge point", "vehicle") else "right"
+        )
+    for c in ev.chargers:
+        table.add_row(
+            c.charge_point_id,
+            c.protocol,
+            c.vehicle_id,
+            str(c.sessions),
+            f"{c.energy_kwh:,.1f}",
+            str(c.setpoints),
+            str(c.profiles_sent),
+            str(c.not_applied),
+            "-" if c.mean_limit_kw is None else f"{c.mean_limit_kw:.1f}",
+            f"{c.reports_under_limit}/{c.reports_checked}",
         )
     return table

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +55,20 @@ def test_demo_runs_to_a_summary_with_every_action(tmp_path: Path) -> None:
 
     all_lines = (tmp_path / "out" / "influx.lp").read_text().splitlines()
     # The sink's own counters travel with every write; the rest are the data.
-    lines = [line for line in all_lines if not line.startswith("wattstream_sink,")]
-    assert 0 < len(all_lines) - len(lines) < 100
+    data_lines = [line for line in all_lines if not line.startswith("wattstream_sink,")]
+    assert 0 < len(all_lines) - len(data_lines) < 100
+    # The EV stage runs on the night after the sample: its points come after the sample's.
+    ev = summary["ev_charging"]
+    ev_start_ns = int(datetime.fromisoformat(ev["start"]).timestamp()) * 10**9
+    ev_lines = [line for line in data_lines if int(line.rsplit(" ", 1)[1]) >= ev_start_ns]
+    lines = [line for line in data_lines if int(line.rsplit(" ", 1)[1]) < ev_start_ns]
+    _check_ev_stage(ev, ev_lines)
     # Readings, prices, decisions and their dry-run commands (one each), and allocation
-    # plans: one per site per hour once the hour is over (the last hour of the week never
-    # is: no reading follows it), each a plan point plus one point per consumer (5).
-    allocation_points = 3 * (7 * 24 - 1) * (1 + 5)
+    # plans: one per site per hour once the hour is over, each a plan point plus one point
+    # per consumer (5). The last hour of the week is over only at the depot, where the EV
+    # stage's readings follow it.
+    allocation_plans = 3 * (7 * 24 - 1) + 1
+    allocation_points = allocation_plans * (1 + 5)
     # Alerts of the detectors (the sample watches its PV only): whatever they find is
     # exactly what the same detectors find over the file without a broker.
     # Scope 2, certificates and follow-the-sun: what the same engines give over the files.
@@ -83,8 +93,9 @@ def test_demo_runs_to_a_summary_with_every_action(tmp_path: Path) -> None:
         )
     data_points = 90_720 + 168 + 2 * 3 * 7 * 24 + allocation_points + len(expected_alerts)
     data_points += 168 + len(records) + len(certificates) + len(follow_sun) - len(follow_sun_alerts)
-    assert summary["points_written"] == len(lines) == data_points
-    assert sum(line.startswith("allocation_plan,") for line in lines) == 3 * (7 * 24 - 1)
+    assert len(lines) == data_points
+    assert summary["points_written"] == len(data_lines) == data_points + len(ev_lines)
+    assert sum(line.startswith("allocation_plan,") for line in lines) == allocation_plans
     assert sum(line.startswith("decision,") for line in lines) == 3 * 7 * 24
 
     report = (tmp_path / "out" / "report.html").read_text()
@@ -93,6 +104,38 @@ def test_demo_runs_to_a_summary_with_every_action(tmp_path: Path) -> None:
     for site in ("turin-home", "turin-school", "moncalieri-depot"):
         assert f"{site} / battery-1" in report
     assert "<script" not in report and "http" not in report.split("<svg")[0].lower()
+
+
+def _check_ev_stage(ev: dict[str, Any], ev_lines: list[str]) -> None:
+    """The depot's two vans charged over OCPP (one charger per version), the fleet's
+    every setpoint was audited once, and the cars drew no more than their profiles."""
+    assert ev["start"] == "2025-04-14T00:00:00+00:00"  # the first hour after the sample
+    chargers = ev["chargers"]
+    assert {c["vehicle"] for c in chargers} == {"van-1", "van-2"}
+    assert sorted(c["protocol"] for c in chargers) == ["1.6", "2.0.1"]
+    for charger in chargers:
+        assert charger["sessions"] == 1 and charger["energy_kwh"] > 1.0
+        assert charger["profiles_sent"] > 0
+        assert charger["reports_checked"] > 0
+    setpoints = sum(c["setpoints"] for c in chargers)
+    assert sum(ev["audits_by_outcome"].values()) == setpoints  # one audit per command
+    # Most setpoints reach a charger with its car plugged in; the last may come after
+    # the car left.
+    assert ev["audits_by_outcome"]["sent"] >= setpoints - len(chargers)
+    # The 30 kW feeder is shared: the fleet never asks for more, and uses all of it while
+    # both vans need energy (22 kW for one van at most).
+    assert 22.0 < ev["peak_setpoints_kw"] <= 30.0 + 1e-6
+    # The cars follow their limits from the next report on; a limit that reaches a car
+    # after its next report (a slow machine) may find it drawing the previous one.
+    assert ev["reports_under_limit"] >= 0.9 * ev["reports_checked"]
+    measurements = Counter(line.split(",", 1)[0] for line in ev_lines)
+    assert measurements == {
+        "ev": ev["readings"],
+        "ev_session": ev["session_events"],
+        "command": setpoints,
+    }
+    # Plug-in, start, stop and unplug per session.
+    assert ev["session_events"] == 4 * sum(c["sessions"] for c in chargers)
 
 
 def _detector_alerts_over_sample() -> list[Alert]:

@@ -446,6 +446,7 @@ async def _load(settings: Settings) -> None:
         drain_timeout_s=120,
         report_dir=None,
         carbon_path=SAMPLE / "carbon.csv",
+        ev_charging=False,  # no dashboard shows the EV stage's charging yet
     )
 
 
