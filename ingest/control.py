@@ -4,7 +4,8 @@ Decisions become commands on the ``commands`` topic; this connector consumes the
 (its own consumer group) and, for each one:
 
 1. **validates** it: an unknown ``site``/``device`` or an action the device does not
-   allow is *rejected*; a command past its ``valid_until`` (or, without one, issued
+   allow is *rejected* (an unknown device is *ignored* instead with ``unknown_devices =
+   "ignore"``: see below); a command past its ``valid_until`` (or, without one, issued
    more than ``max_command_age_s`` ago, so a new consumer group does not replay a
    month of history into the devices) is *skipped*;
 2. **clamps** the setpoint to the device's ``min_setpoint_kw`` .. ``max_setpoint_kw``
@@ -24,6 +25,16 @@ Decisions become commands on the ``commands`` topic; this connector consumes the
    device, written, then the ``enable`` points (e.g. ``WSetEna = 1``). MQTT: a JSON
    payload published with QoS 1, waiting for the broker's PUBACK;
 5. **audits** it: exactly one audit record per command, once its outcome is known.
+
+Sharing the commands topic: other consumers (the OCPP CSMS's ``[ocpp.control]``,
+:mod:`ingest.ocpp_control`, or another control connector with other devices) may read
+the same topic in their own groups and audit their own devices' commands. Run this
+connector with ``unknown_devices = "ignore"`` then: a command whose (``site``,
+``device``) is not in its config gets no audit record from here (its offset is
+settled at once, it is counted in ``ControlStats.ignored`` and logged at DEBUG), so
+each command still has exactly one audit, its owner's. The default, ``"reject"``,
+audits it *rejected*: right when this connector is the only consumer, where an
+unknown device is a mistake somebody should see.
 
 A device that does not answer is retried with capped exponential backoff
 (:class:`pipeline.backoff.Backoff`) up to ``max_attempts`` attempts, then audited as
@@ -423,6 +434,14 @@ class ControlConfig(TomlConfig):
     retry_max_s: float = Field(default=10.0, gt=0)
     produce_retry_max_s: float = Field(default=30.0, gt=0)
     """Backoff ceiling while Kafka does not take an audit record. [s]"""
+    unknown_devices: Literal["reject", "ignore"] = "reject"
+    """A command for a (site, device) that is not in ``devices``: ``"reject"`` audits it
+    *rejected* (this connector is the only consumer of the commands topic);
+    ``"ignore"`` writes no audit record for it, settles its offset and counts it in
+    ``ControlStats.ignored``, for when another consumer (the OCPP CSMS's
+    ``[ocpp.control]``, another control connector) owns and audits those devices'
+    commands: one audit per command. With ``"ignore"``, a command for a device that
+    nobody owns is audited by nobody."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -452,6 +471,14 @@ class Verdict:
     """A command that ends before reaching a device: rejected or skipped."""
 
     outcome: Outcome
+    detail: str
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A command that is not this connector's (``unknown_devices = "ignore"``): no audit,
+    its offset is settled, another consumer of the commands topic owns it."""
+
     detail: str
 
 
@@ -496,11 +523,17 @@ def expiry(command: Command, now: datetime, max_age_s: float) -> str | None:
     return None
 
 
-def plan_command(command: Command, config: ControlConfig, now: datetime) -> Plan | Verdict:
-    """Validate and clamp one command (pure): a Plan to apply, or why not."""
+def plan_command(
+    command: Command, config: ControlConfig, now: datetime
+) -> Plan | Verdict | Ignored:
+    """Validate and clamp one command (pure): a Plan to apply, why not (a Verdict, to
+    audit), or Ignored (not ours, no audit: ``unknown_devices = "ignore"``)."""
     device = config.device(command.site, command.device)
     if device is None:
-        return Verdict(Outcome.REJECTED, f"unknown device {command.site}/{command.device}")
+        unknown = f"unknown device {command.site}/{command.device}"
+        if config.unknown_devices == "ignore":
+            return Ignored(unknown)
+        return Verdict(Outcome.REJECTED, unknown)
     if command.action not in device.allowed_actions:
         return Verdict(
             Outcome.REJECTED,
@@ -1003,6 +1036,9 @@ class ControlStats:
     mqtt_publishes: int = 0
     audited: int = 0
     dead_lettered: int = 0
+    ignored: int = 0
+    """Commands for devices not in the config, with ``unknown_devices = "ignore"``: not
+    audited (another consumer owns them)."""
     last_error: str | None = None
 
 
@@ -1231,6 +1267,18 @@ class ControlConnector:
             await self._dead_letter(record, error, ref)
             return
         result = plan_command(command, self.config, self._now())
+        if isinstance(result, Ignored):
+            # Another consumer of the commands topic owns it and audits it.
+            log.debug(
+                "control %s/%s %s ignored: %s (unknown_devices = ignore)",
+                command.site,
+                command.device,
+                command.command_id,
+                result.detail,
+            )
+            self.stats.ignored += 1
+            self._offsets.resolved(ref)
+            return
         if isinstance(result, Verdict):
             log.info(
                 "control %s/%s %s %s: %s",
@@ -1417,6 +1465,7 @@ __all__ = [
     "ControlConnector",
     "ControlStats",
     "DeviceUnreachable",
+    "Ignored",
     "ModbusControl",
     "MqttControl",
     "Outcome",

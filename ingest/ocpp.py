@@ -1548,9 +1548,11 @@ class _Link201(_Link, ChargePoint201):
 class OcppConnectorError(RuntimeError):
     """A request to a charge point could not be made or answered."""
 
-    def __init__(self, message: str, *, retriable: bool) -> None:
+    def __init__(self, message: str, *, retriable: bool, sent: bool = False) -> None:
         super().__init__(message)
         self.retriable = retriable
+        self.sent = sent
+        """The request went out (no answer, or an error answer); False: nothing was sent."""
 
 
 @dataclass
@@ -1983,16 +1985,20 @@ class OcppConnector:
             raise OcppConnectorError(
                 f"charge point {link.id!r} answered {action} with {error.code}: {_cause(error)}",
                 retriable=False,
+                sent=True,
             ) from None
         except TimeoutError:
             raise OcppConnectorError(
                 f"charge point {link.id!r} did not answer {action} "
-                f"in {self.config.response_timeout_s} s",
+                f"in {self.config.response_timeout_s:g} s",
                 retriable=True,
+                sent=True,
             ) from None
         except ConnectionClosed:
             raise OcppConnectorError(
-                f"charge point {link.id!r} disconnected during {action}", retriable=True
+                f"charge point {link.id!r} disconnected during {action}",
+                retriable=True,
+                sent=True,
             ) from None
 
     # -- batching and producing --

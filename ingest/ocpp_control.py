@@ -32,9 +32,10 @@ within its step.
 Commands for devices that are not this CSMS's are *ignored*, not audited: the control
 connector (or another CSMS) owns them, and one audit per command is the contract. For
 the same reason a command that does not decode is logged and counted but not
-dead-lettered here (the control connector dead-letters it). Note that control.py audits
-a device it does not know as *rejected*: run it with only its own devices' commands in
-mind, or an OCPP command gets its ``rejected`` audit from there as well as ours.
+dead-lettered here (the control connector dead-letters it). The control connector, in
+turn, audits a device it does not know as *rejected* by default: run it with
+``unknown_devices = "ignore"`` (``ControlConfig``) next to this CSMS, or an OCPP
+command gets a ``rejected`` audit from there as well as ours.
 
 Example audit record (key ``turin-home``)::
 
@@ -414,9 +415,12 @@ class OcppCommandConsumer:
                 cp_id, plan.limit_kw, connector_id=target.connector_id
             )
         except (OcppConnectorError, ValueError) as error:
+            # The charge point may have gone (or ended its transaction) since the checks
+            # above: the audit says whether the request went out.
+            sent = isinstance(error, OcppConnectorError) and error.sent
             self.stats.last_error = f"{name}: {error}"
             log.warning("ocpp control %s %s: %s", name, command.command_id, error)
-            await self._finish(plan, pending.ref, Outcome.FAILED, f"{what}: {error}", sent=True)
+            await self._finish(plan, pending.ref, Outcome.FAILED, f"{what}: {error}", sent=sent)
             return
         version = session.version if session is not None else "?"
         sent_as = (

@@ -630,6 +630,41 @@ async def test_a_device_that_does_not_answer_fails_after_retries_and_the_stream_
     assert (connector.stats.sent, connector.stats.failed) == (1, 2)
 
 
+async def test_with_unknown_devices_ignore_another_consumers_commands_get_no_audit(
+    settings: Settings, modbus: ControlServer, mosquitto: Mosquitto
+) -> None:
+    """Next to another consumer of the commands topic (the OCPP CSMS), a command for a
+    device not in the config is left to it: no audit here, yet committed past."""
+    battery = devices(modbus, mosquitto, "unused")[0]
+    config = ControlConfig.model_validate(
+        {"enabled": True, "unknown_devices": "ignore", "devices": [battery]}
+    )
+    # The known command between two ignored ones of its partition (same site, same key),
+    # and one of another site: every partition must be committed to its end.
+    before = command("ev-9", 1.0, 0)
+    known = command("bat-1", 2.0, 1)
+    after = command("wallbox-1", 3.0, 2)
+    elsewhere = command("bat-1", 1.0, 3, site="milan")
+    connector = ControlConnector(settings, config)
+    async with running(connector):
+        await send_commands(settings, [before, known, after, elsewhere])
+
+        async def known_audited() -> bool:
+            return len(await audits(settings, connector)) >= 1
+
+        await eventually(known_audited)
+        await eventually(lambda: _lag_is_zero(settings, connector), timeout_s=10.0)
+        # Lag 0: every command was handled (an audit is acked before its offset is
+        # released), so the audit topic now holds all there will ever be.
+        records = await audits(settings, connector)
+    assert [r.command_id for r in records] == [known.command_id]
+    assert audit_outcome(records[0]) == Outcome.SENT, records[0].reason
+    _, model_704 = await read_model(modbus, 1, 704)
+    assert model_704["WSet"] == 2000.0
+    stats = connector.stats
+    assert (stats.commands, stats.ignored, stats.audited, stats.rejected) == (4, 3, 1, 0)
+
+
 async def test_the_cli_runs_the_connector_until_sigterm(
     settings: Settings, modbus: ControlServer, tmp_path: Path
 ) -> None:

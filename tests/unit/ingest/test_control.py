@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from ingest.control import (
     AUDIT_TOPIC,
     ControlConfig,
+    Ignored,
     MqttControl,
     Outcome,
     Plan,
@@ -86,7 +87,7 @@ def command(**overrides: Any) -> Command:
     return Command(**fields)
 
 
-def planned(result: Plan | Verdict) -> Plan:
+def planned(result: Plan | Verdict | Ignored) -> Plan:
     assert isinstance(result, Plan), result
     return result
 
@@ -226,6 +227,27 @@ def test_unknown_device_and_disallowed_action_are_rejected() -> None:
     job = plan_command(command(action="start_job"), config(), NOW)
     assert isinstance(job, Verdict) and job.outcome == Outcome.REJECTED
     assert "allowed_actions" in job.detail
+
+
+def test_unknown_devices_rejects_by_default_and_ignore_is_validated() -> None:
+    assert config().unknown_devices == "reject"
+    sample = ControlConfig.from_toml(REPO / "ingest" / "control.sample.toml")
+    assert sample.unknown_devices == "reject"
+    assert "unknown_devices" in error_text({"devices": [battery()], "unknown_devices": "drop"})
+
+
+def test_with_unknown_devices_ignore_only_an_unknown_device_is_ignored() -> None:
+    ignoring = config(unknown_devices="ignore")
+    assert plan_command(command(device="bat-9"), ignoring, NOW) == Ignored(
+        "unknown device turin-home/bat-9"
+    )
+    assert isinstance(plan_command(command(site="milan"), ignoring, NOW), Ignored)
+    # Its own devices' commands are judged as ever: rejected, skipped, planned.
+    job = plan_command(command(action="start_job"), ignoring, NOW)
+    assert isinstance(job, Verdict) and job.outcome == Outcome.REJECTED
+    expired = plan_command(command(valid_until=NOW - timedelta(minutes=5)), ignoring, NOW)
+    assert isinstance(expired, Verdict) and expired.outcome == Outcome.SKIPPED
+    assert planned(plan_command(command(), ignoring, NOW)).setpoint_kw == 3.0
 
 
 def test_a_modbus_command_without_a_setpoint_is_rejected_an_mqtt_one_is_not() -> None:

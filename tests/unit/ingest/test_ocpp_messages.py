@@ -34,6 +34,7 @@ from ingest.ocpp import (
     ChargePointSession,
     OcppConfig,
     OcppConnector,
+    OcppConnectorError,
     Outcome,
     charge_point_id_from_path,
     frame_error,
@@ -867,3 +868,13 @@ def test_a_mixed_fleet_is_half_1_6() -> None:
     assert config.charge_point_ids()[:2] == ["SIM-CP-001", "SIM-CP-002"]
     with pytest.raises(ValidationError, match="must not hold credentials"):
         OcppSimulatorConfig(url="ws://u:p@host/ocpp")
+
+
+async def test_a_limit_for_a_charge_point_that_is_not_connected_says_nothing_was_sent(
+    make_settings: SettingsFactory,
+) -> None:
+    csms = OcppConnector(make_settings(broker="127.0.0.1:9"), OcppConfig(require_password=False))
+    with pytest.raises(OcppConnectorError, match="is not connected") as raised:
+        await csms.set_charging_limit("CP-9", 3.0)
+    # The control path audits it with dry_run true: the charger got nothing.
+    assert raised.value.sent is False
