@@ -24,6 +24,7 @@ from pathlib import Path
 
 import orjson
 
+from benchmarks.backtest import bench_backtest
 from benchmarks.e2e import bench_e2e, bench_scale_out
 from benchmarks.memory import bench_memory
 from benchmarks.ocpp import bench_ocpp
@@ -415,6 +416,7 @@ def bench_carbon() -> dict[str, float]:
 BENCHES: dict[str, Callable[[], dict[str, float]]] = {
     "rule": bench_rule,
     "optimal": bench_optimal,
+    "backtest": bench_backtest,
     "replay-encode": bench_replay_encode,
     "replay-broker": bench_replay_broker,
     "modbus": bench_modbus,

@@ -1,23 +1,24 @@
 """``wattstream backtest``: every arbitrage strategy over a price history, against the bound.
 
 No broker: the strategies' decision code runs over the file directly (see
-:mod:`processors.backtest`). The result is a table and a self-contained HTML
-report, or JSON with ``--json``.
+:mod:`processors.backtest`). The file is read strictly (:mod:`ingest.price_history`:
+true instants across DST, one step, gaps kept as gaps). The result is a table and a
+self-contained HTML report, or JSON with ``--json``.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from datetime import time
+from datetime import time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
 
-from ingest.prices import DocumentError, read_price_file
+from ingest.price_history import PriceHistoryError, load_price_history
 from pipeline.report_backtest import write_backtest_report
-from processors.backtest import STRATEGIES, PricePoint, Publication, run_backtest
+from processors.backtest import FORESIGHTS, STRATEGIES, Publication, run_backtest
 from processors.optimal import BatteryModel
 
 EXIT_USAGE = 2
@@ -36,28 +37,6 @@ def _zone(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     except (ZoneInfoNotFoundError, ValueError):
         raise click.BadParameter(f"unknown time zone {value!r}") from None
     return value
-
-
-def read_history(path: Path, naive_zone: str = "UTC") -> tuple[list[PricePoint], list[str]]:
-    """Price points of the file, sorted; and why each skipped row was skipped.
-
-    Rows with a blank price are skipped (a history has holes); so is any other
-    row that cannot be a price, with its row number in the reason. Times without
-    a UTC offset are read on the clock of ``naive_zone``.
-    """
-    parsed = read_price_file(path, market="history", naive_zone=ZoneInfo(naive_zone))
-    ticks = sorted(parsed.messages, key=lambda t: t.start)
-    # A price is stored with published_at = start when the file does not say:
-    # then the day-ahead publication model applies (Publication).
-    explicit = any(t.published_at is not None and t.published_at != t.start for t in ticks)
-    points: list[PricePoint] = []
-    for tick in ticks:
-        if points and tick.start == points[-1].start:
-            continue  # a repeated hour (e.g. a DST artefact in the source): first one wins
-        points.append(
-            PricePoint(tick.start, tick.price_per_kwh, tick.published_at if explicit else None)
-        )
-    return points, [r.reason for r in parsed.rejected]
 
 
 @click.command()
@@ -109,12 +88,20 @@ def read_history(path: Path, naive_zone: str = "UTC") -> tuple[list[PricePoint],
     help="Strategies to run (default: all).",
 )
 @click.option(
-    "--timezone",
-    "time_zone",
+    "--foresight",
+    type=click.Choice(FORESIGHTS),
+    default="day-ahead",
+    show_default=True,
+    help="What a decision knows: day-ahead = the prices published by then (the file's "
+    "published_at, or the auction at --publication-time the day before); none = the "
+    "prices up to and including its own interval only.",
+)
+@click.option(
+    "--market-timezone",
     default="Europe/Brussels",
     show_default=True,
     callback=_zone,
-    help="Time zone of the market's delivery days.",
+    help="Time zone of the market's delivery days (day-ahead publication).",
 )
 @click.option(
     "--publication-time",
@@ -124,11 +111,19 @@ def read_history(path: Path, naive_zone: str = "UTC") -> tuple[list[PricePoint],
     help="When the day before's auction publishes a day's prices (when the file does not say).",
 )
 @click.option(
-    "--naive-time-zone",
-    default="UTC",
+    "--timezone",
+    "time_zone",
+    default=None,
+    callback=lambda ctx, param, value: None if value is None else _zone(ctx, param, value),
+    help="The clock of times written without a UTC offset (required for such files); the "
+    "autumn hour that occurs twice and the spring hour that does not exist are handled.",
+)
+@click.option(
+    "--mpc-horizon-h",
+    type=click.FloatRange(min=1),
+    default=48.0,
     show_default=True,
-    callback=_zone,
-    help="The clock of times written without a UTC offset.",
+    help="How far ahead the mpc strategy plans (known prices, then its forecast). [h]",
 )
 @click.option(
     "--report",
@@ -149,9 +144,11 @@ def backtest(
     charge_below: float | None,
     discharge_above: float | None,
     strategies: tuple[str, ...],
-    time_zone: str,
+    foresight: str,
+    market_timezone: str,
     publication_time: time,
-    naive_time_zone: str,
+    time_zone: str | None,
+    mpc_horizon_h: float,
     report: Path,
     as_json: bool,
 ) -> None:
@@ -165,15 +162,22 @@ def backtest(
     if charge_below is not None and discharge_above is not None and charge_below >= discharge_above:
         raise click.BadParameter("--charge-below must be below --discharge-above")
     try:
-        points, skipped = read_history(prices_path, naive_time_zone)
-    except (DocumentError, OSError) as error:
-        click.echo(f"wattstream: {prices_path}: {error}", err=True)
+        history = load_price_history(prices_path, timezone=time_zone)
+    except (PriceHistoryError, OSError) as error:
+        click.echo(f"wattstream: {error}", err=True)
         sys.exit(EXIT_USAGE)
-    if not points:
-        click.echo(f"wattstream: {prices_path}: no usable prices", err=True)
-        sys.exit(EXIT_USAGE)
+    points, skipped = history.points, history.skipped
     if skipped:
-        click.echo(f"skipped {len(skipped)} rows, e.g. {skipped[0]}", err=True)
+        click.echo(f"skipped {len(skipped)} rows with no price, e.g. {skipped[0]}", err=True)
+    if history.gaps:
+        missing = sum(g.missing_intervals for g in history.gaps)
+        first = history.gaps[0]
+        click.echo(
+            f"warning: {len(history.gaps)} gaps ({missing:,} intervals without a price, "
+            f"e.g. {first.start:%Y-%m-%d %H:%M} to {first.end:%Y-%m-%d %H:%M} UTC): "
+            "nothing is traded in them, no price is invented",
+            err=True,
+        )
     battery = BatteryModel(
         capacity_kwh=capacity_kwh,
         max_charge_kw=power_kw,
@@ -193,29 +197,44 @@ def backtest(
         battery,
         initial_soc_pct=initial_soc_pct,
         strategies=strategies or STRATEGIES,
-        publication=Publication(time_zone, publication_time),
+        publication=Publication(market_timezone, publication_time),
         charge_below_price_per_kwh=charge_below,
         discharge_above_price_per_kwh=discharge_above,
         progress=progress,
+        foresight=foresight,  # type: ignore[arg-type]  # click.Choice(FORESIGHTS)
+        mpc_horizon_h=mpc_horizon_h,
     )
     summary = result.to_json()
     summary["skipped_rows"] = len(skipped)
+    summary["gaps"] = [
+        {"start": g.start.isoformat(), "end": g.end.isoformat(), "missing": g.missing_intervals}
+        for g in history.gaps
+    ]
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo("", err=True)
     bound = result.bound.revenue
     click.echo(
-        f"{len(points):,} prices, {result.hours:,.0f} h, {points[0].start:%Y-%m-%d} .. "
-        f"{points[-1].start:%Y-%m-%d}; battery {capacity_kwh:g} kWh / {power_kw:g} kW, "
-        f"round trip {round_trip_efficiency:.0%}"
+        f"{len(points):,} prices every {history.step / timedelta(minutes=1):g} min, "
+        f"{result.hours:,.0f} h, {points[0].start:%Y-%m-%d} .. {points[-1].start:%Y-%m-%d}; "
+        f"battery {capacity_kwh:g} kWh / {power_kw:g} kW, round trip "
+        f"{round_trip_efficiency:.0%}; foresight {foresight}"
     )
-    click.echo(f"{'strategy':<20}{'revenue':>14}{'of bound':>10}{'cycles':>9}")
-    for name, item in result.strategies.items():
-        share = f"{item.revenue / bound:.1%}" if bound > 1e-9 else "-"
-        click.echo(f"{name:<20}{item.revenue:>14,.2f}{share:>10}{item.equivalent_cycles:>9.1f}")
     click.echo(
-        f"{'perfect foresight':<20}{bound:>14,.2f}{'100.0%':>10}"
-        f"{result.bound.equivalent_cycles:>9.1f}"
+        f"{'strategy':<20}{'revenue':>14}{'of bound':>10}{'charged kWh':>13}"
+        f"{'discharged kWh':>16}{'cycles':>9}"
     )
+    for name, item in [*result.strategies.items(), ("perfect foresight", result.bound)]:
+        share = f"{item.revenue / bound:.1%}" if bound > 1e-9 else "-"
+        click.echo(
+            f"{name:<20}{item.revenue:>14,.2f}{share:>10}{item.energy_bought_kwh:>13,.0f}"
+            f"{item.energy_sold_kwh:>16,.0f}{item.equivalent_cycles:>9.1f}"
+        )
+    if result.forecast_mae_by_horizon:
+        errors = ", ".join(
+            f"{k} {'-' if v is None else f'{v:.4f}'}"
+            for k, v in result.forecast_mae_by_horizon.items()
+        )
+        click.echo(f"mpc forecast mean absolute error per kWh by horizon: {errors}")
     click.echo(f"report: {write_backtest_report(result, report)}")

@@ -14,7 +14,18 @@ from matplotlib.figure import Figure
 
 from processors.backtest import BacktestResult
 
-_COLOURS = {"threshold": "#e9c46a", "optimal": "#2a9d8f", "perfect foresight": "#264653"}
+_COLOURS = {
+    "threshold": "#e9c46a",
+    "optimal": "#2a9d8f",
+    "mpc": "#e76f51",
+    "perfect foresight": "#264653",
+}
+_FORESIGHT = {
+    "day-ahead": "Each strategy decides with the prices published by then (day-ahead: "
+    "today's, and tomorrow's after the auction).",
+    "none": "No price is known ahead: each decision sees the prices up to and including "
+    "its own interval, nothing after.",
+}
 
 
 def _chart(result: BacktestResult) -> str:
@@ -56,6 +67,18 @@ def write_backtest_report(result: BacktestResult, path: Path) -> Path:
             f"<td>{run.equivalent_cycles:,.1f}</td></tr>"
         )
     battery = result.battery
+    forecast = ""
+    if result.forecast_mae_by_horizon:
+        cells = "".join(
+            f"<td>{'-' if v is None else f'{v:.4f}'}</td>"
+            for v in result.forecast_mae_by_horizon.values()
+        )
+        heads = "".join(f"<th>{html.escape(k)}</th>" for k in result.forecast_mae_by_horizon)
+        forecast = (
+            "<h2>The mpc forecaster</h2><p>Mean absolute error of its price forecasts "
+            "(per kWh), by how far ahead they were made; learnt from past prices only.</p>"
+            f"<table><tr>{heads}</tr><tr>{cells}</tr></table>"
+        )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>wattstream backtest</title>
 <style>
@@ -68,11 +91,13 @@ svg {{ max-width: 100%; height: auto; }}
 <p>{summary["intervals"]} prices over {result.hours:,.0f} h ({html.escape(str(summary["first"]))}
 to {html.escape(str(summary["last"]))}); battery {battery.capacity_kwh:g} kWh,
 {battery.max_charge_kw:g}/{battery.max_discharge_kw:g} kW, round trip
-{battery.round_trip_efficiency:.0%}. Each strategy decides with the prices published by
-then; the perfect-foresight optimum knows them all and is the bound none can beat.
+{battery.round_trip_efficiency:.0%}; foresight <b>{html.escape(result.foresight)}</b>.
+{_FORESIGHT.get(result.foresight, "")} The perfect-foresight optimum knows every price
+and is the bound none can beat.
 Revenue is grid cash flow: energy sold minus energy bought, at each interval's price.</p>
 <table><tr><th>strategy</th><th>revenue</th><th>of bound</th><th>bought kWh</th>
 <th>sold kWh</th><th>cycles</th></tr>{"".join(rows)}</table>
+{forecast}
 {_chart(result)}
 </body></html>
 """

@@ -239,15 +239,17 @@ class BatteryConfig(_Area):
     soc_max_pct: Pct = 95.0
     reserve_pct: Pct = 20.0
     """Kept for backup power: arbitrage never discharges below it."""
-    strategy: Literal["threshold", "optimal"] = "threshold"
+    strategy: Literal["threshold", "optimal", "mpc"] = "threshold"
     """``threshold``: the price rule below; ``optimal``: a rolling-horizon linear
-    program over the prices published so far (see processors/optimal.py)."""
+    program over the prices published so far (see processors/optimal.py); ``mpc``: the
+    same program over 48 hours, the known prices and a forecast after them, re-planned
+    at every decision (processors/mpc.py)."""
     charge_below_price_per_kwh: float | None = None
     """Threshold strategy: charge below this price (required for it)."""
     discharge_above_price_per_kwh: float | None = None
     """Threshold strategy: discharge above this price (required for it)."""
     degradation_cost_per_kwh: Annotated[float, Field(ge=0.0)] = 0.0
-    """Optimal strategy: wear cost per kWh discharged, in the price's currency."""
+    """Optimal and mpc strategies: wear cost per kWh discharged, in the price's currency."""
     commands: Literal["off", "dry_run", "live"] = "dry_run"
     """What each decision sends to the device: ``off`` nothing; ``dry_run`` a command
     marked dry-run (audited, never applied); ``live`` a command the control

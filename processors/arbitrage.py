@@ -34,7 +34,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from pipeline.schemas import (
@@ -247,15 +247,32 @@ def decide_optimal(
             revenue,
         )
         step = 0
-    power_kw = cached.power_kw[step]
-    power_kw = power_kw if abs(power_kw) > MIN_POWER_KW else 0.0
-    expected_soc_pct = cached.stored_kwh[step] / battery.capacity_kwh * 100
-    price = prices_per_kwh[0]
     horizon = (
         f"LP over {len(cached.starts_ms)} known price intervals "
         f"({'new plan' if replanned else f'step {step + 1} of the plan'}, "
         f"plan revenue {cached.planned_revenue:.4f})"
     )
+    setpoint = _planned_setpoint(
+        battery,
+        cached.power_kw[step],
+        cached.stored_kwh[step] / battery.capacity_kwh * 100,
+        prices_per_kwh[0],
+        durations_h[0],
+        horizon,
+    )
+    return setpoint, cached
+
+
+def _planned_setpoint(
+    battery: BatteryConfig,
+    power_kw: float,
+    expected_soc_pct: float,
+    price: float,
+    duration_h: float,
+    horizon: str,
+) -> Setpoint:
+    """The setpoint of a plan's first interval, with the limit that binds it."""
+    power_kw = power_kw if abs(power_kw) > MIN_POWER_KW else 0.0
     binding: tuple[str, ...] = ()
     if power_kw < 0:
         action = Action.CHARGE
@@ -277,15 +294,62 @@ def decide_optimal(
     else:
         action = Action.HOLD
         what = f"hold at {price:.4f}: later intervals pay more"
-    setpoint = Setpoint(
+    return Setpoint(
         action,
         power_kw,
-        power_kw * durations_h[0],
+        power_kw * duration_h,
         min(100.0, max(0.0, expected_soc_pct)),
         f"{horizon}: {what}",
         binding,
     )
-    return setpoint, cached
+
+
+# The mpc strategy's forecaster learns from the last weeks of prices: its fit looks
+# back 28 days, and each of its samples 5 weeks more (processors/price_forecast.py).
+MPC_HISTORY_MS = 70 * 24 * 3600 * 1000
+
+
+def decide_mpc(
+    battery: BatteryConfig,
+    soc_pct: float,
+    history: Sequence[PricedInterval],
+    interval: PricedInterval,
+    ts_ms: int,
+) -> Setpoint:
+    """The mpc strategy's setpoint for ``interval`` at ``ts_ms``: a planner
+    (:class:`processors.mpc.MpcPlanner`, as the backtest runs it) fed the prices known
+    by then, in order; the same prices give the same decision as the backtest's."""
+    from processors.mpc import MpcPlanner
+
+    step_ms = interval.end_ms - interval.start_ms
+    planner = MpcPlanner(battery_model(battery), timedelta(milliseconds=step_ms))
+    for known in history:
+        published_ms = known.start_ms if known.published_ms is None else known.published_ms
+        if published_ms > ts_ms or known.end_ms - known.start_ms != step_ms:
+            continue  # not known yet, or of another resolution than the market's now
+        with contextlib.suppress(ValueError):  # off this interval's grid
+            planner.observe(_dt(known.start_ms), known.price_per_kwh)
+    duration_h = (interval.end_ms - ts_ms) / 3_600_000
+    if not planner.knows(_dt(interval.start_ms)):
+        return Setpoint(
+            Action.HOLD, 0.0, 0.0, soc_pct, "mpc: this interval's price is not in its history"
+        )
+    stored_kwh = soc_pct / 100 * battery.capacity_kwh
+    step = planner.decide(_dt(interval.start_ms), stored_kwh)
+    horizon = planner.last_horizon
+    known_steps = horizon.known_steps if horizon is not None else 1
+    text = (
+        f"MPC over {step.horizon_steps} intervals ({known_steps} known, the rest "
+        f"forecast; plan revenue {step.planned_revenue:.4f})"
+    )
+    return _planned_setpoint(
+        battery,
+        step.power_kw,
+        step.stored_after_kwh / battery.capacity_kwh * 100,
+        interval.price_per_kwh,
+        duration_h,
+        text,
+    )
 
 
 # --- joining readings with prices, per site ---------------------------------------------
@@ -326,6 +390,9 @@ class SiteState:
 
     intervals: list[PricedInterval] = field(default_factory=list)
     """Known price intervals, sorted by start."""
+    history: list[PricedInterval] = field(default_factory=list)
+    """Sites with an mpc battery: the last ``MPC_HISTORY_MS`` of prices, sorted by start,
+    what its forecaster learns from (``intervals`` keeps only 48 hours)."""
     batteries: dict[str, BatteryState] = field(default_factory=dict)
     newest_reading_ms: int | None = None
     dropped_unpriced: int = 0
@@ -346,6 +413,16 @@ class SiteState:
             },
             "newest": self.newest_reading_ms,
             "dropped": self.dropped_unpriced,
+            **(
+                {
+                    "history": [
+                        [i.start_ms, i.end_ms, i.price_per_kwh, i.currency, i.published_ms]
+                        for i in self.history
+                    ]
+                }
+                if self.history
+                else {}
+            ),
         }
 
     @classmethod
@@ -367,6 +444,10 @@ class SiteState:
             },
             newest_reading_ms=data["newest"],
             dropped_unpriced=data["dropped"],
+            history=[
+                PricedInterval(int(s), int(e), float(p), str(c), *published)
+                for s, e, p, c, *published in data.get("history", [])
+            ],
         )
 
     def interval_at(self, ts_ms: int) -> PricedInterval | None:
@@ -375,12 +456,17 @@ class SiteState:
             return self.intervals[index]
         return None
 
-    def add_interval(self, interval: PricedInterval) -> None:
-        index = bisect.bisect_left(self.intervals, interval.start_ms, key=lambda i: i.start_ms)
-        if index < len(self.intervals) and self.intervals[index].start_ms == interval.start_ms:
-            self.intervals[index] = interval  # a revised price replaces the old one
-        else:
-            self.intervals.insert(index, interval)
+    def add_interval(self, interval: PricedInterval, *, keep_history: bool = False) -> None:
+        for known in (self.intervals, self.history) if keep_history else (self.intervals,):
+            index = bisect.bisect_left(known, interval.start_ms, key=lambda i: i.start_ms)
+            if index < len(known) and known[index].start_ms == interval.start_ms:
+                known[index] = interval  # a revised price replaces the old one
+            else:
+                known.insert(index, interval)
+        if keep_history:
+            oldest_ms = self.history[-1].start_ms - MPC_HISTORY_MS
+            first = bisect.bisect_left(self.history, oldest_ms, key=lambda i: i.start_ms)
+            del self.history[:first]
 
 
 class SiteArbitrage:
@@ -389,6 +475,7 @@ class SiteArbitrage:
     def __init__(self, site: SiteConfig) -> None:
         self.site = site
         self.batteries = {b.device: b for b in site.batteries}
+        self.keeps_history = any(b.strategy == "mpc" for b in site.batteries)
 
     def on_readings(self, state: SiteState, readings: list[BatteryReading]) -> list[Decision]:
         """Take a site's battery readings (in arrival order); return the decisions they allow."""
@@ -416,7 +503,8 @@ class SiteArbitrage:
         state.add_interval(
             PricedInterval(
                 _ms(tick.start), _ms(tick.end), tick.price_per_kwh, tick.currency, published_ms
-            )
+            ),
+            keep_history=self.keeps_history,
         )
         decisions: list[Decision] = []
         # Every other waiting reading's interval is still unknown (a reading whose
@@ -484,6 +572,8 @@ class SiteArbitrage:
             setpoint, battery_state.plan = decide_optimal(
                 battery, soc_pct, prices, durations, starts, battery_state.plan
             )
+        elif battery.strategy == "mpc":
+            setpoint = decide_mpc(battery, soc_pct, state.history, interval, ts_ms)
         else:
             setpoint = decide_threshold(battery, soc_pct, interval.price_per_kwh, duration_h)
         valid_from = _dt(interval.start_ms)

@@ -1,15 +1,26 @@
 """Backtests of arbitrage strategies over a price history, against the perfect-foresight bound.
 
 Plain Python: the same decision code the agents run (``decide_threshold``,
-:class:`processors.optimal.RollingOptimizer`), driven interval by interval
-over a history with no broker.
+:class:`processors.optimal.RollingOptimizer`, the ``mpc`` planner), driven interval by
+interval over a history with no broker.
 
-Information: a strategy may only use prices published before it decides.
-Unless the history says when each price was published, day-ahead publication
-is modelled as the European auction: prices of delivery day D (in the
-market's time zone) are known from ``publication_time`` on day D-1 (default
-13:00 Europe/Brussels, when SDAC results are out). So at 09:00 the optimiser
-sees the rest of today, at 14:00 also all of tomorrow.
+**What each decision knows** (``foresight``) is explicit:
+
+* ``day-ahead`` (the default): a decision at time t sees every price published by t.
+  Unless the history says when each price was published (``published_at``), the
+  European day-ahead auction is modelled: prices of delivery day D (in the market's
+  time zone) are known from ``publication_time`` on day D-1 (default 13:00
+  Europe/Brussels, when SDAC results are out). So at 09:00 a strategy sees the rest of
+  today, at 14:00 also all of tomorrow.
+* ``none``: a decision at t sees the prices of the intervals up to and including the
+  one starting at t, and nothing after: real-time and imbalance prices, or a site that
+  only sees its current tariff.
+
+Strategies: ``threshold`` (the specification's rule; fixed thresholds or the trailing
+week's 30th/70th percentiles), ``optimal`` (the LP over the known prices only, with a
+terminal value) and ``mpc`` (the same LP over a 48-hour horizon: known prices where
+there are any, the forecaster's (:mod:`processors.price_forecast`) after them,
+re-planned at every step).
 
 Every strategy starts from the same state of charge, and the physics are the
 same for all (efficiency split evenly between charge and discharge, state of
@@ -24,13 +35,23 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
+from typing import TYPE_CHECKING, Literal
 from zoneinfo import ZoneInfo
 
 import numpy as np
 
-from processors.optimal import BatteryModel, RollingOptimizer, perfect_foresight
+from processors.optimal import (
+    BatteryModel,
+    RollingOptimizer,
+    perfect_foresight,
+)
 
-STRATEGIES = ("threshold", "optimal")
+if TYPE_CHECKING:
+    from processors.mpc import MpcPlanner
+
+STRATEGIES = ("threshold", "optimal", "mpc")
+Foresight = Literal["day-ahead", "none"]
+FORESIGHTS: tuple[Foresight, ...] = ("day-ahead", "none")
 
 
 @dataclass(frozen=True)
@@ -66,14 +87,16 @@ class StrategyResult:
     cumulative_revenue: list[float] = field(default_factory=list)
 
     def summary(self, bound_revenue: float) -> dict[str, float | int | None]:
+        """``energy_charged_kwh``: bought from the grid to charge; ``energy_discharged_kwh``:
+        sold to it; ``full_cycles``: energy out of the cells over the usable capacity."""
         return {
             "revenue": round(self.revenue, 6),
             "share_of_bound": (
                 round(self.revenue / bound_revenue, 6) if bound_revenue > 1e-9 else None
             ),
-            "energy_bought_kwh": round(self.energy_bought_kwh, 3),
-            "energy_sold_kwh": round(self.energy_sold_kwh, 3),
-            "equivalent_cycles": round(self.equivalent_cycles, 3),
+            "energy_charged_kwh": round(self.energy_bought_kwh, 3),
+            "energy_discharged_kwh": round(self.energy_sold_kwh, 3),
+            "full_cycles": round(self.equivalent_cycles, 3),
             "replans": self.replans,
         }
 
@@ -87,6 +110,10 @@ class BacktestResult:
     bound: StrategyResult
     battery: BatteryModel
     initial_stored_kwh: float
+    foresight: Foresight = "day-ahead"
+    step: timedelta = timedelta(hours=1)
+    forecast_mae_by_horizon: dict[str, float | None] | None = None
+    """The mpc forecaster's mean absolute error per kWh, by horizon (None: no mpc)."""
 
     @property
     def hours(self) -> float:
@@ -94,14 +121,28 @@ class BacktestResult:
 
     def to_json(self) -> dict[str, object]:
         bound = self.bound.revenue
-        return {
+        out: dict[str, object] = {
+            "foresight": self.foresight,
             "strategies": {name: r.summary(bound) for name, r in self.strategies.items()},
             "bound": self.bound.summary(bound),
             "hours": round(self.hours, 6),
             "intervals": len(self.starts),
+            "step_minutes": self.step / timedelta(minutes=1),
             "first": self.starts[0].isoformat() if self.starts else None,
             "last": self.starts[-1].isoformat() if self.starts else None,
         }
+        if self.forecast_mae_by_horizon is not None:
+            out["forecast_mae_per_kwh_by_horizon"] = {
+                k: None if v is None else round(v, 6)
+                for k, v in self.forecast_mae_by_horizon.items()
+            }
+        return out
+
+
+def resolution(starts: Sequence[datetime]) -> timedelta:
+    """The market's step: the most common gap between prices (1 h for a single price)."""
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    return statistics.mode(gaps) if gaps else timedelta(hours=1)
 
 
 def interval_durations_h(starts: Sequence[datetime]) -> list[float]:
@@ -112,9 +153,20 @@ def interval_durations_h(starts: Sequence[datetime]) -> list[float]:
     """
     if not starts:
         return []
+    resolution_h = resolution(starts) / timedelta(hours=1)
     gaps_h = [(b - a).total_seconds() / 3600 for a, b in itertools.pairwise(starts)]
-    resolution_h = statistics.mode(gaps_h) if gaps_h else 1.0
     return [min(gap, resolution_h) for gap in gaps_h] + [resolution_h]
+
+
+def known_from(
+    prices: Sequence[PricePoint], foresight: Foresight, publication: Publication
+) -> list[datetime]:
+    """When each price becomes known to a decision (see the module docstring)."""
+    if foresight == "none":
+        return [p.start for p in prices]
+    if foresight != "day-ahead":
+        raise ValueError(f"foresight must be one of {list(FORESIGHTS)}, got {foresight!r}")
+    return [p.published_at or publication.published_at(p.start) for p in prices]
 
 
 class _Simulation:
@@ -181,6 +233,8 @@ def run_backtest(
     charge_below_price_per_kwh: float | None = None,
     discharge_above_price_per_kwh: float | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    foresight: Foresight = "day-ahead",
+    mpc_horizon_h: float = 48.0,
 ) -> BacktestResult:
     """Run each strategy over ``prices`` (sorted, unique starts) and compute the bound."""
     unknown = [name for name in strategies if name not in STRATEGIES]
@@ -192,8 +246,9 @@ def run_backtest(
     starts = [p.start for p in prices]
     price = [p.price_per_kwh for p in prices]
     durations = interval_durations_h(starts)
-    published = [p.published_at or publication.published_at(p.start) for p in prices]
+    published = known_from(prices, foresight, publication)
     initial_kwh = battery.capacity_kwh * initial_soc_pct / 100.0
+    step = resolution(starts)
 
     results: dict[str, StrategyResult] = {}
     if "threshold" in strategies:
@@ -209,6 +264,15 @@ def run_backtest(
         results["optimal"] = _run_optimal(
             battery, starts, price, durations, published, initial_kwh, progress
         )
+    mae: dict[str, float | None] | None = None
+    if "mpc" in strategies:
+        from processors.mpc import MpcPlanner
+
+        planner = MpcPlanner(battery, step, horizon_h=mpc_horizon_h)
+        results["mpc"] = _run_mpc(
+            planner, starts, price, durations, published, initial_kwh, progress
+        )
+        mae = planner.forecaster.mae_by_horizon()
 
     return BacktestResult(
         starts,
@@ -218,6 +282,9 @@ def run_backtest(
         _bound(battery, price, durations, initial_kwh),
         battery,
         initial_kwh,
+        foresight,
+        step,
+        mae,
     )
 
 
@@ -310,6 +377,33 @@ def _run_optimal(
         simulation.apply(plan_power[offset], price[index], durations[index])
         if progress is not None and index % 500 == 0:
             progress("optimal", index, len(starts))
+    return simulation.result
+
+
+def _run_mpc(
+    planner: MpcPlanner,
+    starts: list[datetime],
+    price: list[float],
+    durations: list[float],
+    published: list[datetime],
+    initial_kwh: float,
+    progress: Callable[[str, int, int], None] | None,
+) -> StrategyResult:
+    """Re-plan at every step over the known prices and the forecast after them."""
+    simulation = _Simulation(planner.battery, initial_kwh)
+    observed = 0
+    for index, decided_at in enumerate(starts):
+        while observed < len(starts) and published[observed] <= decided_at:
+            planner.observe(starts[observed], price[observed], durations[observed])
+            observed += 1
+        if observed <= index:
+            simulation.apply(0.0, price[index], durations[index])  # no price yet: hold
+            continue
+        step = planner.decide(decided_at, simulation.stored_kwh)
+        simulation.result.replans += 1
+        simulation.apply(step.power_kw, price[index], durations[index])
+        if progress is not None and index % 500 == 0:
+            progress("mpc", index, len(starts))
     return simulation.result
 
 
