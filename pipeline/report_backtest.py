@@ -28,26 +28,46 @@ _FORESIGHT = {
 }
 
 
+# Intervals drawn in the price, state-of-charge and power charts: a year of quarter-hours
+# would be a page of tens of megabytes in which no single decision can be seen.
+MAX_DETAIL_INTERVALS = 14 * 96
+# Points of the cumulative revenue line, which covers the whole history.
+MAX_REVENUE_POINTS = 4000
+
+
 def _chart(result: BacktestResult) -> str:
-    times = result.starts
     runs = {**result.strategies, "perfect foresight": result.bound}
     capacity = result.battery.capacity_kwh
-    figure = Figure(figsize=(11, 10), layout="constrained")
-    price_axes, soc_axes, power_axes, revenue_axes = figure.subplots(4, 1, sharex=True)
-    price_axes.step(times, result.prices_per_kwh, where="post", color="#264653", linewidth=0.8)
+    first = max(0, len(result.starts) - MAX_DETAIL_INTERVALS)
+    times = result.starts[first:]
+    stride = max(1, len(result.starts) // MAX_REVENUE_POINTS)
+    figure = Figure(figsize=(11, 12), layout="constrained")
+    price_axes, soc_axes, power_axes, revenue_axes = figure.subplots(4, 1)
+    power_axes.sharex(price_axes)
+    soc_axes.sharex(price_axes)
+    price_axes.step(
+        times, result.prices_per_kwh[first:], where="post", color="#264653", linewidth=0.8
+    )
     price_axes.set_ylabel("price [/kWh]")
     price_axes.axhline(0, color="#999", linewidth=0.5)
+    if first:
+        price_axes.set_title(f"the last {len(times):,} of {len(result.starts):,} intervals")
     for name, run in runs.items():
         colour = _COLOURS.get(name, "#6c757d")
         soc_axes.plot(
-            times, [100 * s / capacity for s in run.stored_kwh], color=colour, linewidth=0.8
+            times,
+            [100 * s / capacity for s in run.stored_kwh[first:]],
+            color=colour,
+            linewidth=0.8,
         )
-        power_axes.step(times, run.power_kw, where="post", color=colour, linewidth=0.6)
-        revenue_axes.plot(times, run.cumulative_revenue, color=colour, label=name)
+        power_axes.step(times, run.power_kw[first:], where="post", color=colour, linewidth=0.6)
+        revenue_axes.plot(
+            result.starts[::stride], run.cumulative_revenue[::stride], color=colour, label=name
+        )
     soc_axes.set_ylabel("state of charge [%]")
     soc_axes.set_ylim(0, 100)
     power_axes.set_ylabel("grid power [kW]\n+ sold, - bought")
-    revenue_axes.set_ylabel("cumulative revenue")
+    revenue_axes.set_ylabel("cumulative revenue\n(whole history)")
     revenue_axes.legend(loc="upper left")
     buffer = io.StringIO()
     figure.savefig(buffer, format="svg")

@@ -29,8 +29,6 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import numpy as np
-
 from processors.optimal import (
     BatteryModel,
     Plan,
@@ -128,15 +126,4 @@ class MpcPlanner:
     def decide(self, now: datetime, stored_kwh: float) -> Step:
         """What to do in the interval starting at ``now`` (its price must be known)."""
         plan, horizon = self.plan(now, stored_kwh)
-        revenue = (
-            np.asarray(horizon.prices_per_kwh) * np.asarray(horizon.durations_h) * plan.net_power_kw
-        )
-        return Step(
-            power_kw=float(plan.net_power_kw[0]),
-            charge_kw=float(plan.charge_kw[0]),
-            discharge_kw=float(plan.discharge_kw[0]),
-            stored_after_kwh=float(plan.stored_kwh[0]),
-            expected_revenue=float(revenue[0]),
-            horizon_steps=len(horizon.prices_per_kwh),
-            planned_revenue=float(revenue.sum()),
-        )
+        return Step.first_of(plan, horizon.prices_per_kwh, horizon.durations_h)

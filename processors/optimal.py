@@ -355,6 +355,23 @@ class Step:
     planned_revenue: float
     """Grid revenue of the whole plan."""
 
+    @classmethod
+    def first_of(
+        cls, plan: Plan, prices_per_kwh: Sequence[float], durations_h: Sequence[float]
+    ) -> Step:
+        """The first interval of ``plan``, made over these prices and durations."""
+        dt = np.asarray(durations_h, dtype=float)
+        revenue = np.asarray(prices_per_kwh, dtype=float) * dt * plan.net_power_kw
+        return cls(
+            power_kw=float(plan.net_power_kw[0]),
+            charge_kw=float(plan.charge_kw[0]),
+            discharge_kw=float(plan.discharge_kw[0]),
+            stored_after_kwh=float(plan.stored_kwh[0]),
+            expected_revenue=float(revenue[0]),
+            horizon_steps=len(prices_per_kwh),
+            planned_revenue=float(revenue.sum()),
+        )
+
 
 # Plans of this many shapes (horizon lengths and durations) keep their LP warm; others,
 # rare (holes in the prices), are solved afresh.
@@ -395,14 +412,4 @@ class RollingOptimizer:
     ) -> Step:
         """What to do in the first interval of the plan over the known prices."""
         plan = self.plan(stored_kwh, prices_per_kwh, durations_h)
-        dt = np.asarray(durations_h, dtype=float)
-        revenue = np.asarray(prices_per_kwh, dtype=float) * dt * plan.net_power_kw
-        return Step(
-            power_kw=float(plan.net_power_kw[0]),
-            charge_kw=float(plan.charge_kw[0]),
-            discharge_kw=float(plan.discharge_kw[0]),
-            stored_after_kwh=float(plan.stored_kwh[0]),
-            expected_revenue=float(revenue[0]),
-            horizon_steps=len(prices_per_kwh),
-            planned_revenue=float(revenue.sum()),
-        )
+        return Step.first_of(plan, prices_per_kwh, durations_h)

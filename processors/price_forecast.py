@@ -23,9 +23,16 @@ where this form earns more than 80 %.)
 Learnt online per market, from the past only: once a day (at each UTC midnight the
 prices have reached) ``decay`` and ``weekly_weight`` are chosen from a small grid by
 the mean absolute error of the profile over the last ``train_days`` days, and
-``persistence(h)`` is the least-squares coefficient of the deviation ``h`` steps later
-on the deviation now over the same days, clipped to [0, 1] (deviations winsorised at
-their 1st and 99th percentiles, so one spike does not set a month's coefficients).
+``persistence(h)`` is the coefficient in [0, 1] (in steps of 0.05) that predicts the
+deviation ``h`` steps later from the deviation now with the least absolute error over
+the same days. Least absolute error, as for the profile, because real-time prices have
+tails: with least squares a few spikes outweighed a month of ordinary quarter-hours
+(Belgian imbalance prices, the last 120 days: one-step mean absolute error 0.046 per kWh
+with least squares, 0.042 with this fit; the mpc earned 51 % of the bound there over a
+year, 57 % with this fit). The last price alone does better one step ahead (0.036), and
+so does shrinking it towards the profile of the target time, but both flatten the daily
+shape the LP trades on: that form earned 55 % of the bound on Belgian day-ahead prices,
+where this one earns 88 %.
 Before the first fit (a day of prices) the forecast is the daily profile, or the last
 price. The fit's time depends on the calendar, not on the history's first price: a
 streaming agent that rebuilds a forecaster from its state forecasts what a backtest
@@ -50,6 +57,7 @@ DAILY_LAGS = 7
 WEEKLY_LAGS = 4
 DECAYS = (0.4, 0.6, 0.8, 1.0)
 WEEKLY_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
+PERSISTENCES = np.linspace(0.0, 1.0, 21)
 
 
 @dataclass
@@ -235,16 +243,17 @@ class ProfileForecaster:
         finite = deviation[np.isfinite(deviation)]
         if len(finite) < spd:
             return
-        low, high = np.percentile(finite, [1, 99])
-        deviation = np.clip(deviation, low, high)
+        # Least absolute error, not least squares: real-time prices have tails that a
+        # square would let a few spikes weigh more than a month of ordinary quarter-hours.
         persistence = np.zeros(self.horizon_steps)
         for h in range(1, self.horizon_steps + 1):
             now, later = deviation[:-h], deviation[h:]
             both = np.isfinite(now) & np.isfinite(later)
-            denominator = float((now[both] ** 2).sum())
-            if both.sum() >= spd and denominator > 0:
-                persistence[h - 1] = float((now[both] * later[both]).sum()) / denominator
-        self.persistence = np.clip(persistence, 0.0, 1.0)
+            if both.sum() < spd:
+                continue
+            errors = np.abs(later[both][None, :] - PERSISTENCES[:, None] * now[both][None, :])
+            persistence[h - 1] = PERSISTENCES[int(np.argmin(errors.mean(axis=1)))]
+        self.persistence = persistence
         self._fitted_at = known
 
     def mae_by_horizon(self) -> dict[str, float | None]:
