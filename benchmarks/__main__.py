@@ -25,6 +25,7 @@ from pathlib import Path
 import orjson
 
 from benchmarks.backtest import bench_backtest
+from benchmarks.detect import bench_detect
 from benchmarks.e2e import bench_e2e, bench_scale_out
 from benchmarks.memory import bench_memory
 from benchmarks.ocpp import bench_ocpp
@@ -424,6 +425,7 @@ BENCHES: dict[str, Callable[[], dict[str, float]]] = {
     "sink-influxdb": bench_sink_influxdb,
     "sink-victoria-metrics": bench_sink_victoria_metrics,
     "detectors": bench_detectors,
+    "detect": bench_detect,
     "scram": bench_scram_latency,
     "carbon": bench_carbon,
     "steps": bench_steps,

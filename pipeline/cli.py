@@ -21,6 +21,7 @@ from pipeline import schemas, topics
 from pipeline.cli_backtest import backtest
 from pipeline.cli_certificates import certificates
 from pipeline.cli_dashboards import dashboards_group
+from pipeline.cli_detect import detect
 from pipeline.cli_detectors import evaluate_detectors
 from pipeline.cli_ingest import ingest_group
 from pipeline.settings import Settings, SettingsError, load_settings
@@ -862,6 +863,7 @@ main.add_command(dashboards_group)
 main.add_command(backtest)
 main.add_command(evaluate_detectors)
 main.add_command(certificates)
+main.add_command(detect)
 
 
 @schemas_group.command("export")

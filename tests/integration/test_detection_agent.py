@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 
 from pipeline import codec, kafka, topics
 from pipeline.app import agent_input_topics, create_app
+from pipeline.detect import detect_file, incidents_of
 from pipeline.local import EmbeddedBroker
 from pipeline.schemas import Alert, AlertStatus, HomeReading, TelemetryBatch
 from pipeline.settings import Settings
@@ -71,7 +74,7 @@ async def run_batches(settings: Settings, sent: list[TelemetryBatch]) -> None:
 
 
 async def test_the_agent_raises_what_the_detectors_raise_across_a_restart(
-    kafka_broker: EmbeddedBroker, make_settings: SettingsFactory
+    kafka_broker: EmbeddedBroker, make_settings: SettingsFactory, tmp_path: Path
 ) -> None:
     """Four days to a first worker, the fifth (with the faults) to a new one: without the
     checkpoint the new worker would be warming up (24 h) and see nothing."""
@@ -100,4 +103,23 @@ async def test_the_agent_raises_what_the_detectors_raise_across_a_restart(
         want += engine.on_readings(batch.readings)
     assert [(a.alert_id, a.alert_type, a.status) for a in got] == [
         (a.alert_id, a.alert_type, a.status) for a in want
+    ]
+    # `wattstream detect` over the same readings as a file finds the same incidents,
+    # from start to end, as the stream did.
+    readings = home_readings()
+    path = tmp_path / "flat.csv"
+    pl.DataFrame(
+        {
+            "time": [r.ts.isoformat() for r in readings],
+            "site": SITE,
+            "device": [r.device for r in readings],
+            "kind": "home",
+            "power_kw": [r.power_kw for r in readings],
+        }
+    ).write_csv(path)
+    from_file = detect_file(path, settings=settings).incidents
+    from_stream = incidents_of(got)
+    assert len(from_stream) >= 3
+    assert [(i.alert_id, i.label, i.start, i.end) for i in from_file] == [
+        (i.alert_id, i.label, i.start, i.end) for i in from_stream
     ]
