@@ -14,6 +14,14 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from pipeline.detect import DETECTORS, DetectFileError, DetectResult, detect_file
@@ -63,18 +71,30 @@ def detect(
     except SettingsError as error:
         click.echo(f"wattstream: {error}", err=True)
         sys.exit(EXIT_USAGE)
-    show = not as_json and sys.stderr.isatty()
-    with console.status("reading", spinner="dots") if show else _Quiet() as status:
+    # A bar on a terminal (stderr: stdout may be piped JSON); nothing in a script's logs.
+    bar = Progress(
+        TextColumn(f"{file.name}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("readings"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    with bar:
+        task = bar.add_task("detect", total=None)
 
         def progress(done: int, total: int) -> None:
-            if status is not None:
-                status.update(f"{done:,}/{total:,} readings")
+            bar.update(task, completed=done, total=total)
 
         try:
             result = detect_file(
                 file, settings=settings, detectors=detectors, timezone=timezone, progress=progress
             )
         except (DetectFileError, SettingsError) as error:
+            bar.stop()
             click.echo(f"wattstream: {error}", err=True)
             sys.exit(EXIT_USAGE)
     if as_json:
@@ -82,14 +102,6 @@ def detect(
             click.echo(json.dumps(incident.as_json()))
         return
     _print(result)
-
-
-class _Quiet:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *_: object) -> None:
-        return None
 
 
 def _print(result: DetectResult) -> None:

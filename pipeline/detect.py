@@ -28,7 +28,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 DETECTORS = ("anomaly", "vampire", "solar")
 DEFAULT_SITE = "file"
+PROGRESS_EVERY = 100_000
+"""Readings between two calls of the progress callback (about a second's work). [-]"""
 REQUIRED_COLUMNS = ("time", "device", "kind", "power_kw")
 OPTIONAL_COLUMNS = ("site", "irradiance_w_m2", "temp_air_c", "temp_module_c")
 
@@ -172,7 +174,13 @@ def read_frame(path: Path, timezone: str | None = None) -> tuple[pl.DataFrame, i
         raise DetectFileError(f"{path}: {str(error).splitlines()[0]}") from None
     frame = frame.with_columns(_utc(frame, path, timezone))
     frame = frame.sort(["site", "device", "time", "_row"])
-    unique = frame.unique(["site", "device", "time"], keep="first", maintain_order=True)
+    # Sorted, a duplicate follows the reading it repeats (file order kept by _row).
+    repeats = (
+        (pl.col("time") == pl.col("time").shift(1))
+        & (pl.col("device") == pl.col("device").shift(1))
+        & (pl.col("site") == pl.col("site").shift(1))
+    ).fill_null(False)
+    unique = frame.filter(~repeats)
     return unique, frame.height - unique.height
 
 
@@ -262,16 +270,28 @@ def detect_file(
             engine = SiteDetection(site_id, detection_settings(site))
             if engine.watches(kind):
                 has_irradiance = "irradiance_w_m2" in rows.columns
-                for at, power_kw, irradiance in zip(
-                    rows["time"].to_list(),
-                    rows["power_kw"].to_list(),
-                    rows["irradiance_w_m2"].to_list() if has_irradiance else [None] * rows.height,
-                    strict=True,
-                ):
-                    for alert in engine.observe(device, kind, at, power_kw, irradiance):
-                        family = "vampire" if alert.alert_type == "vampire" else "anomaly"
-                        if family in chosen:
-                            alerts.append(alert)
+                # Exactly datetime.timestamp(): whole microseconds divided by 1e6. The
+                # datetimes are made from it (twice as fast as polars' to_list).
+                epoch_s = (rows["time"].dt.epoch("us").cast(pl.Float64) / 1e6).to_list()
+                powers_kw = rows["power_kw"].to_list()
+                irradiances = (
+                    rows["irradiance_w_m2"].to_list() if has_irradiance else [None] * rows.height
+                )
+                for first in range(0, rows.height, PROGRESS_EVERY):
+                    last = first + PROGRESS_EVERY
+                    for ts_s, power_kw, irradiance in zip(
+                        epoch_s[first:last],
+                        powers_kw[first:last],
+                        irradiances[first:last],
+                        strict=True,
+                    ):
+                        at = datetime.fromtimestamp(ts_s, UTC)
+                        for alert in engine.observe(device, kind, at, power_kw, irradiance, ts_s):
+                            family = "vampire" if alert.alert_type == "vampire" else "anomaly"
+                            if family in chosen:
+                                alerts.append(alert)
+                    if progress is not None and last < rows.height:
+                        progress(done + last, frame.height)
         if "solar" in chosen and kind == "solar":
             arrays = solar_settings(site)
             if arrays is not None:

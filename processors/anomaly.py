@@ -79,9 +79,11 @@ from pipeline.settings import time_zone
 from processors.alerting import firing, resolved
 from processors.baselines import (
     LocalClock,
+    LocalTime,
     RollingSample,
     mad_spread,
     median,
+    median_of_sorted,
     quantile_of_sorted,
 )
 
@@ -223,26 +225,38 @@ class _HourAccumulator:
 
 @dataclass
 class _Profile:
-    """Hourly means per (day type, local hour), and their cached median and spread."""
+    """Hourly means per (day type, local hour), and their median and spread (computed
+    when first asked after a change: the all-days fallback is rarely needed)."""
 
     days: int
     slots: dict[tuple[int, int], list[float]] = field(default_factory=dict)
-    stats: dict[tuple[int, int], tuple[float, float, int]] = field(default_factory=dict)
+    stats: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
+    version: int = 0
+    """Counts the additions: what is derived from the stats can be cached per version."""
 
     def add(self, day_type: int, hour: int, mean_kw: float) -> None:
+        self.version += 1
         key = (day_type, hour)
-        history = self.slots.setdefault(key, [])
-        _push(history, mean_kw, self.days)
-        self.stats[key] = (median(history), mad_spread(history), len(history))
-        both = [*self.slots.get((0, hour), ()), *self.slots.get((1, hour), ())]
-        self.stats[(2, hour)] = (median(both), mad_spread(both), len(both))
+        _push(self.slots.setdefault(key, []), mean_kw, self.days)
+        self.stats.pop(key, None)
+        self.stats.pop((2, hour), None)
+
+    def _values(self, key: tuple[int, int]) -> list[float]:
+        if key[0] != 2:
+            return self.slots.get(key, [])
+        hour = key[1]
+        return [*self.slots.get((0, hour), ()), *self.slots.get((1, hour), ())]
 
     def expected(self, day_type: int, hour: int, min_days: int) -> tuple[float, float] | None:
         """(median, spread) of the slot, falling back to the hour over all days."""
         for key in ((day_type, hour), (2, hour)):
             stats = self.stats.get(key)
-            if stats is not None and stats[2] >= min_days:
-                return stats[0], stats[1]
+            if stats is None:
+                values = self._values(key)
+                if len(values) < min_days:
+                    continue
+                stats = self.stats[key] = (median(values), mad_spread(values))
+            return stats
         return None
 
 
@@ -280,7 +294,10 @@ class SignalDetector:
         self.profile = _Profile(self.settings.profile_days)
         self.hour = _HourAccumulator()
         self.window: list[float] = []
-        self.shift_window: deque[tuple[float, float]] = deque()
+        # The level-shift window as two deques (times, values): its values are sorted at
+        # every reading.
+        self.shift_times: deque[float] = deque()
+        self.shift_values: deque[float] = deque()
         self.hour_window: deque[tuple[float, float]] = deque()
         self.hour_sum_kw = 0.0
         self.pending: _PendingSpike | None = None
@@ -295,6 +312,15 @@ class SignalDetector:
         self._noise: tuple[int, float] = (-1, 0.0)
         self._bounds: tuple[tuple[int, int], tuple[float, float]] = ((-1, -1), (0.0, 0.0))
         self._lowest: tuple[int, float] = (-1, 0.0)
+        # Per-reading caches (a reading costs microseconds, and most of what it asks
+        # changes once a quarter hour or once a refresh of a sample).
+        self._ready = False
+        self._tails_known = False
+        self._typed: tuple[LocalTime | None, int] = (None, 0)
+        self._expected: tuple[tuple[int, date, int, int] | None, tuple[float, float] | None] = (
+            None,
+            None,
+        )
 
     # --- checkpoints ------------------------------------------------------------------
 
@@ -316,7 +342,9 @@ class SignalDetector:
                 self.hour.day_type,
             ],
             "window": list(self.window),
-            "shift_window": [list(p) for p in self.shift_window],
+            "shift_window": [
+                [t, v] for t, v in zip(self.shift_times, self.shift_values, strict=True)
+            ],
             "hour_window": [list(p) for p in self.hour_window],
             "pending": None if self.pending is None else astuple(self.pending),
             "dip": None if self.dip is None else astuple(self.dip),
@@ -343,7 +371,9 @@ class SignalDetector:
         key = None if day is None else (date.fromisoformat(day), hour)
         self.hour = _HourAccumulator(key, sum_kw, count, day_type)
         self.window = list(state["window"])[-SHIFT_READINGS:]
-        self.shift_window.extend((t, v) for t, v in state["shift_window"])
+        for t, v in state["shift_window"]:
+            self.shift_times.append(t)
+            self.shift_values.append(v)
         self.hour_window.extend((t, v) for t, v in state["hour_window"])
         self.hour_sum_kw = sum(v for _, v in self.hour_window)
         self.pending = None if state["pending"] is None else _PendingSpike(*state["pending"])
@@ -358,12 +388,21 @@ class SignalDetector:
 
     # --- thresholds -----------------------------------------------------------------
 
+    def tails_known(self) -> bool:
+        """Whether enough residuals say what a 0.1 % tail is (once true, true for good)."""
+        if not self._tails_known:
+            self._tails_known = len(self.residuals) >= TAIL_SAMPLES
+        return self._tails_known
+
     def warmed_up(self, ts_s: float) -> bool:
-        return (
-            self.first_s is not None
-            and ts_s - self.first_s >= self.settings.warmup_h * 3600.0
-            and len(self.residuals) >= 50
-        )
+        # Once true, true for good: readings only move forward and samples only grow.
+        if not self._ready:
+            self._ready = (
+                self.first_s is not None
+                and ts_s - self.first_s >= self.settings.warmup_h * 3600.0
+                and len(self.residuals) >= 50
+            )
+        return self._ready
 
     def noise_kw(self) -> float:
         """Typical change between consecutive normal readings. [kW]"""
@@ -387,14 +426,29 @@ class SignalDetector:
         return q50 - max(tail * (q50 - q_low), floor), q50 + max(tail * (q_high - q50), floor)
 
     def day_type(self, ts_s: float) -> int:
-        weekday = self.clock.weekday(ts_s)
-        holiday = self.clock.day(ts_s) in self._holidays
-        return 1 if weekday >= 5 or holiday else 0
+        return self._day_type(self.clock.at(ts_s))
+
+    def _day_type(self, local: LocalTime) -> int:
+        """1 on weekends and holidays, 0 on working days."""
+        if self._typed[0] is not local:
+            holiday = local.day in self._holidays
+            self._typed = (local, 1 if local.weekday >= 5 or holiday else 0)
+        return self._typed[1]
 
     def expectation(self, ts_s: float) -> tuple[float, float] | None:
         """The profile's (expected power, spread) at ``ts_s``, if learned. [kW]"""
+        return self._expectation(self.clock.at(ts_s))
+
+    def _expectation(self, local: LocalTime) -> tuple[float, float] | None:
+        # The answer changes only with the hour, the profile and the noise.
+        key = (local.hour, local.day, self.profile.version, self.diffs.version)
+        if self._expected[0] != key:
+            self._expected = (key, self._expectation_now(local))
+        return self._expected[1]
+
+    def _expectation_now(self, local: LocalTime) -> tuple[float, float] | None:
         found = self.profile.expected(
-            self.day_type(ts_s), self.clock.hour(ts_s), self.settings.min_history_days
+            self._day_type(local), local.hour, self.settings.min_history_days
         )
         if found is None:
             return None
@@ -405,22 +459,32 @@ class SignalDetector:
     # --- the stream -------------------------------------------------------------------
 
     def observe(
-        self, at: datetime, power_kw: float, irradiance_w_m2: float | None = None
+        self,
+        at: datetime,
+        power_kw: float,
+        irradiance_w_m2: float | None = None,
+        ts_s: float | None = None,
     ) -> list[Alert]:
-        """Take one reading; the alerts it starts or ends. PV passes its irradiance."""
-        ts_s = at.timestamp()
+        """Take one reading; the alerts it starts or ends. PV passes its irradiance;
+        ``ts_s`` is ``at`` in seconds since the epoch, if the caller has it."""
+        if ts_s is None:
+            ts_s = at.timestamp()
         if self.last_s is not None and ts_s <= self.last_s:
             return []  # a duplicate or late reading: the baselines only move forward
         if self.first_s is None:
             self.first_s = ts_s
         self.last_s = ts_s
         out: list[Alert] = []
-        ready = self.warmed_up(ts_s)
+        ready = self._ready or self.warmed_up(ts_s)
         level_kw = median(self.recent) if self.recent else power_kw
         residual_kw = power_kw - level_kw
-        expectation = self.expectation(ts_s) if ready else None
+        local = self.clock.at(ts_s)
+        expectation = self._expectation(local) if ready else None
 
-        _push(self.window, power_kw, SHIFT_READINGS)
+        window = self.window
+        window.append(power_kw)
+        if len(window) > SHIFT_READINGS:
+            del window[0]
         faulty = self._stuck(at, ts_s, power_kw, ready, out)
         faulty = (
             self._spike(at, ts_s, power_kw, irradiance_w_m2, level_kw, residual_kw, ready, out)
@@ -441,22 +505,20 @@ class SignalDetector:
             self._high_consumption(at, ts_s, consumed_kw, expectation, out)
 
         if not faulty:
-            self._learn(ts_s, power_kw, residual_kw)
+            self._learn(local, power_kw, residual_kw)
         return out
 
-    def _learn(self, ts_s: float, power_kw: float, residual_kw: float) -> None:
+    def _learn(self, local: LocalTime, power_kw: float, residual_kw: float) -> None:
         if self.recent:
             self.diffs.add(abs(power_kw - self.recent[-1]))
         _push(self.recent, power_kw, LOCAL_READINGS)
         self.residuals.add(residual_kw)
         self.levels.add(power_kw)
-        hour_key = (self.clock.day(ts_s), self.clock.hour(ts_s))
-        if hour_key != self.hour.key:
-            if self.hour.key is not None and self.hour.count:
-                self.profile.add(
-                    self.hour.day_type, self.hour.key[1], self.hour.sum_kw / self.hour.count
-                )
-            self.hour = _HourAccumulator(hour_key, 0.0, 0, self.day_type(ts_s))
+        hour = self.hour
+        if hour.key is None or local.hour != hour.key[1] or local.day != hour.key[0]:
+            if hour.key is not None and hour.count:
+                self.profile.add(hour.day_type, hour.key[1], hour.sum_kw / hour.count)
+            self.hour = _HourAccumulator((local.day, local.hour), 0.0, 0, self._day_type(local))
         self.hour.sum_kw += power_kw
         self.hour.count += 1
 
@@ -514,7 +576,7 @@ class SignalDetector:
             return False
         if "stuck" in self.open:
             return True
-        longest = self.natural_runs.quantile(1.0) if len(self.natural_runs) else 1.0
+        longest = self.natural_runs.largest() if len(self.natural_runs) else 1.0
         needed = max(self.settings.stuck_min_readings, int(1 + 2 * longest))
         # At the device's peak (an inverter clipping at its limit) a flat value is normal.
         at_peak = (
@@ -559,7 +621,7 @@ class SignalDetector:
         out: list[Alert],
     ) -> bool:
         # The bounds come from the 0.1 % tails: they mean something from 1000 residuals on.
-        if not ready or len(self.residuals) < TAIL_SAMPLES:
+        if not ready or not self.tails_known():
             return False
         _, upper_kw = self.residual_bounds()
         pending = self.pending
@@ -621,7 +683,12 @@ class SignalDetector:
         reasons = []
         if lowest_kw > 0 and power_kw < 0.5 * lowest_kw:
             reasons.append("below_normal_floor")
-        if expectation is not None and len(self.window) == SHIFT_READINGS:
+        # (A reading at a quarter of the expectation or above rules the median out.)
+        if (
+            expectation is not None
+            and power_kw < 0.25 * expectation[0]
+            and len(self.window) == SHIFT_READINGS
+        ):
             expected_kw, spread_kw = expectation
             recent_kw = median(self.window)
             if (
@@ -634,8 +701,7 @@ class SignalDetector:
         # down is a change of use, and the floor and profile rules judge it.
         # Back down to what is usual at this time of week is not a drop.
         usual_kw = expectation[0] if expectation is not None else math.inf
-        tails_known = len(self.residuals) >= TAIL_SAMPLES
-        if tails_known and residual_kw < lower_kw and power_kw < 0.5 * usual_kw:
+        if self.tails_known() and residual_kw < lower_kw and power_kw < 0.5 * usual_kw:
             dip = self.dip
             if dip is None:
                 dip = self.dip = _PendingSpike(ts_s, power_kw, level_kw, 0)
@@ -675,23 +741,25 @@ class SignalDetector:
         expectation: tuple[float, float] | None,
         out: list[Alert],
     ) -> None:
-        window = self.shift_window
-        window.append((ts_s, power_kw))
+        times, values = self.shift_times, self.shift_values
+        times.append(ts_s)
+        values.append(power_kw)
         window_s = self.settings.shift_window_min * 60.0
         # At least four readings, whatever the step: at 15-minute steps two or three are
         # one cooking hour, not "the whole window".
-        while len(window) > SHIFT_MIN_READINGS and window[0][0] <= ts_s - window_s:
-            window.popleft()
+        while len(times) > SHIFT_MIN_READINGS and times[0] <= ts_s - window_s:
+            times.popleft()
+            values.popleft()
         incident = self.open.get("level_shift")
         if (
             expectation is None
-            or len(window) < SHIFT_MIN_READINGS
-            or ts_s - window[0][0] < 0.75 * window_s
+            or len(times) < SHIFT_MIN_READINGS
+            or ts_s - times[0] < 0.75 * window_s
         ):
             return
         expected_kw, spread_kw = expectation
-        ordered = sorted(value for _, value in window)
-        recent_kw = median(ordered)
+        ordered = sorted(values)
+        recent_kw = median_of_sorted(ordered)
         z = (recent_kw - expected_kw) / spread_kw
         limit = self.settings.shift_spreads
         if incident is not None:
@@ -702,6 +770,10 @@ class SignalDetector:
             )
             if abs(z) < 0.5 * limit:
                 self._resolve("level_shift", at, out)
+            return
+        # The lower quartile is never above the median, nor the upper one below it: a
+        # median within the limit (by a margin for rounding) rules both out.
+        if abs(z) < limit - 1e-6:
             return
         # A drop or a stuck value explains a deviation better than a shift does.
         if "drop" in self.open or "stuck" in self.open:
@@ -716,7 +788,7 @@ class SignalDetector:
             return
         # The shift began at the earliest of the trailing readings that are beyond the limit.
         start_s = ts_s
-        for value_ts, value in reversed(window):
+        for value_ts, value in zip(reversed(times), reversed(values), strict=True):
             if (value - expected_kw) / spread_kw * math.copysign(1.0, z) <= limit:
                 break
             start_s = value_ts

@@ -44,9 +44,10 @@ class SiteDetection:
         self.settings = settings or DetectionSettings()
         self.signals: dict[str, SignalDetector] = {}
         self.vampires: dict[str, VampireDetector] = {}
+        self._watched = frozenset(self.settings.kinds) if self.settings.enabled else frozenset()
 
     def watches(self, kind: str) -> bool:
-        return self.settings.enabled and kind in self.settings.kinds
+        return kind in self._watched
 
     def observe(
         self,
@@ -55,15 +56,19 @@ class SiteDetection:
         at: datetime,
         power_kw: float,
         irradiance_w_m2: float | None = None,
+        ts_s: float | None = None,
     ) -> list[Alert]:
         """One power reading of ``device`` (PV with its irradiance, if measured); the alerts
-        it starts or ends."""
-        if not self.watches(kind):
+        it starts or ends. ``ts_s`` is ``at`` in seconds since the epoch, if the caller
+        has it (a file's readers convert a whole column at once)."""
+        if kind not in self._watched:
             return []
         signal = self.signals.get(device)
         if signal is None:
             signal = self.signals[device] = SignalDetector(self.site, device, kind, self.settings)
-        out = signal.observe(at, power_kw, irradiance_w_m2)
+        if ts_s is None:
+            ts_s = at.timestamp()
+        out = signal.observe(at, power_kw, irradiance_w_m2, ts_s)
         if kind in CONSUMPTION_KINDS:
             vampire = self.vampires.get(device)
             if vampire is None:
@@ -72,8 +77,9 @@ class SiteDetection:
                 )
             # A shift, a dropout or a frozen value explains the reading better than a
             # vampire load: the vampire detector neither fires on it nor learns from it.
-            explained = any(label in signal.open for label in EXPLAINED_BY_SIGNAL)
-            out.extend(vampire.observe(at, power_kw, explained=explained))
+            opened = signal.open
+            explained = bool(opened) and any(label in opened for label in EXPLAINED_BY_SIGNAL)
+            out.extend(vampire.observe(at, power_kw, explained, ts_s))
         return out
 
     def to_state(self, device: str) -> dict[str, Any]:

@@ -36,6 +36,7 @@ Plain Python (no Faust import).
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -43,7 +44,13 @@ from typing import Any
 from pipeline.schemas import Alert, Severity
 from processors.alerting import firing, resolved
 from processors.anomaly import WEEKDAYS, DetectionSettings
-from processors.baselines import LocalClock, RollingSample, quantile_of_sorted
+from processors.baselines import (
+    QUARTER_HOUR_S,
+    LocalClock,
+    LocalTime,
+    RollingSample,
+    quantile_of_sorted,
+)
 
 MIN_BASELINE_PERIODS = 3
 MIN_PERIOD_READINGS = 3
@@ -101,6 +108,15 @@ class VampireDetector:
         self.clock = LocalClock(self.settings.timezone)
         self._idle_days = {WEEKDAYS.index(d) for d in self.settings.idle_days}
         self._holidays = set(self.settings.holidays)
+        self._idle_of: tuple[LocalTime | None, tuple[date, int] | None, bool] = (None, None, False)
+        """The last quarter hour asked about, its idle period, and whether that holds
+        for the whole quarter hour."""
+        self._lines_of: tuple[tuple[int, ...], float, list[float]] = ((), 0.0, [])
+        self._busy_until_s = -math.inf
+        """Readings before this instant are outside every idle window. [s]"""
+        self._quarter_windows = all(
+            w.start.minute % 15 == 0 and w.end.minute % 15 == 0 for w in self.settings.idle
+        )
         self.idle_readings = RollingSample(IDLE_SAMPLE)
         self.learned_stats = [RollingSample(IDLE_SAMPLE) for _ in WINDOWS_MIN]
         self.periods_learned = 0
@@ -168,20 +184,46 @@ class VampireDetector:
 
     def idle_period(self, ts_s: float) -> tuple[date, int] | None:
         """Which idle period ``ts_s`` is in, as (local date it began, window index), if any."""
-        day = self.clock.day(ts_s)
-        weekday = self.clock.weekday(ts_s)
+        local = self.clock.at(ts_s)
+        cached, key, whole_quarter = self._idle_of
+        if cached is local and whole_quarter:
+            return key
+        day = local.day
+        weekday = local.weekday
         if day in self._holidays or weekday in self._idle_days:
+            self._idle_of = (local, (day, -1), True)
             return (day, -1)
-        minute = self.clock.minute_of_day(ts_s)
+        minute = local.minute_of_day(ts_s)
+        found = None
         for index, window in enumerate(self.settings.idle):
             if window.contains(minute, weekday):
-                return (day, index)
-        return None
+                found = (day, index)
+                break
+        # Windows on whole quarter hours (01:00-05:00) hold for the rest of the quarter.
+        whole_quarter = self._quarter_windows and local.base_minute % 15 == 0
+        self._idle_of = (local, found, whole_quarter)
+        return found
 
-    def observe(self, at: datetime, power_kw: float, explained: bool = False) -> list[Alert]:
+    def observe(
+        self,
+        at: datetime,
+        power_kw: float,
+        explained: bool = False,
+        ts_s: float | None = None,
+    ) -> list[Alert]:
         """Take one reading; ``explained`` when another incident on the device explains it
-        (a level shift): then it neither fires a vampire alert nor teaches the baseline."""
-        ts_s = at.timestamp()
+        (a level shift): then it neither fires a vampire alert nor teaches the baseline.
+        ``ts_s`` is ``at`` in seconds since the epoch, if the caller has it."""
+        if ts_s is None:
+            ts_s = at.timestamp()
+        if (
+            self.period is None
+            and self.last_s is not None
+            and self.last_s < ts_s < self._busy_until_s
+        ):
+            # Still in the quarter hour last found outside every idle window.
+            self.last_s = ts_s
+            return []
         if self.last_s is not None and ts_s <= self.last_s:
             return []
         step_h = 0.0 if self.last_s is None else (ts_s - self.last_s) / 3600.0
@@ -191,6 +233,8 @@ class VampireDetector:
         if self.period is not None and (period_key is None or not self._same_period(period_key)):
             self._end_period(at, out)
         if period_key is None:
+            if self._idle_of[2]:
+                self._busy_until_s = self._idle_of[0].base_s + QUARTER_HOUR_S  # type: ignore[union-attr]
             return out
         if self.period is None:
             self.period = _Period(period_key, ts_s)
@@ -211,13 +255,7 @@ class VampireDetector:
         # One incident per idle period: a load that comes and goes in a night is one finding.
         if self.periods_learned < MIN_BASELINE_PERIODS or period.had_incident:
             return out
-        baseline_kw = self.idle_readings.quantile(0.5)
-        margin_kw = self._min_excess_kw(baseline_kw)
-        lines = [
-            center + max(TAIL_FACTOR * (learned.quantile(0.995) - center), margin_kw)
-            for learned in self.learned_stats
-            for center in (learned.quantile(0.5),)
-        ]
+        baseline_kw, lines = self._lines()
         duration_s = self.settings.vampire_min_duration_min * 60.0
         for index, (window_min, stat, line) in enumerate(
             zip(WINDOWS_MIN, stats, lines, strict=True)
@@ -260,6 +298,20 @@ class VampireDetector:
             index = bisect.bisect_right(period.times_s, first_s)
             out.append(quantile_of_sorted(sorted(period.values_kw[index:]), FLOOR_QUANTILE))
         return tuple(out)
+
+    def _lines(self) -> tuple[float, list[float]]:
+        """The idle baseline and each window's line; cached until the samples refresh."""
+        key = (self.idle_readings.version, *(learned.version for learned in self.learned_stats))
+        if self._lines_of[0] != key:
+            baseline_kw = self.idle_readings.quantile(0.5)
+            margin_kw = self._min_excess_kw(baseline_kw)
+            lines = [
+                center + max(TAIL_FACTOR * (learned.quantile(0.995) - center), margin_kw)
+                for learned in self.learned_stats
+                for center in (learned.quantile(0.5),)
+            ]
+            self._lines_of = (key, baseline_kw, lines)
+        return self._lines_of[1], self._lines_of[2]
 
     def _usual_floors(self) -> list[float]:
         return [learned.quantile(0.5) for learned in self.learned_stats]

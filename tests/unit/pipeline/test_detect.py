@@ -99,6 +99,19 @@ def test_the_autumn_hour_twice_is_two_hours_and_a_spring_time_that_does_not_exis
         detect_file(spring, timezone="Europe/Brussels")
 
 
+def test_progress_is_reported_within_a_device_and_ends_at_every_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("pipeline.detect.PROGRESS_EVERY", 500)
+    calls: list[tuple[int, int]] = []
+    result = detect_file(
+        write_home(tmp_path), progress=lambda done, total: calls.append((done, total))
+    )
+    # One device of 1,440 readings: after 500 and 1,000, then at its end.
+    assert calls == [(500, 1440), (1000, 1440), (1440, 1440)]
+    assert result.rows == 1440
+
+
 def test_duplicates_and_rows_without_power_are_counted_not_used(tmp_path: Path) -> None:
     path = tmp_path / "dups.csv"
     path.write_text(
