@@ -36,17 +36,28 @@ Rules (``label`` is the alert type, and the label `wattstream detect` scores):
   half the profile's expectation: coming back down to the usual is no drop), or below
   half the device's lowest normal level (its 0.5 % quantile, for devices that
   never go negative), or below a quarter of the profile's expectation and out
-  of its band. Raised at once; resolved when readings are back.
+  of its band. Raised at once; resolved once readings have been back for
+  ``DROP_BACK_S`` and ``DROP_BACK_READINGS`` (an empty home flickers about its
+  floor: one drop, not a hundred).
 * ``level_shift``: the readings of the last ``shift_window_min`` (at least
   ``SHIFT_MIN_READINGS``) have all moved more than ``shift_spreads`` profile
   spreads from the expectation: their lower quartile above it, or their upper
   quartile below it (a step, or a drift once it has moved that far). A cooking
-  hour lifts some readings of a window, a shift lifts them all. Resolved when
-  the window's median is back within half.
-* ``stuck``: the same non-zero value for at least ``max(stuck_min_readings, 1 +
-  2 x the longest natural run seen)`` readings. Zero is not "stuck": PV at night
-  and an idle load are legitimately zero, and a fall to zero is a drop. Starts
-  at the first repeated reading.
+  hour lifts some readings of a window, a shift lifts them all. Measured from
+  what is usual, which is more than the profile's median: a shift up must also
+  rise above what the device draws at that hour on nine days in ten (household
+  use is skewed: most evenings quiet, some busy), and beyond what the last
+  ``RECENT_DAYS`` days did at that hour (once two of three were at the new level,
+  a season's heating or a move-in is the new normal, weeks before the median has
+  caught up). Resolved when the window's median is back within half.
+* ``stuck``: the same non-zero value for at least ``max(stuck_min_readings, 2 +
+  the natural run length)`` readings, that length being the 99th percentile of
+  the runs of repeated values seen outside incidents (a high quantile, not the
+  longest: one freeze too short to be caught must not raise the bar for good).
+  Zero is not "stuck": PV at night and an idle load are legitimately zero, and a
+  fall to zero is a drop. PV at its peak (99th percentile of its levels) is
+  clipping, excused for up to ``CLIP_MAX_S`` and never learned as a natural run.
+  Starts at the first repeated reading.
 * ``high_consumption`` (consumption devices only): the mean of the last hour
   above the profile's expectation by ``high_consumption_spreads`` spreads and
   by half of it at least.
@@ -108,12 +119,30 @@ TAIL_SAMPLES = 1000
 """Residuals kept per device: a week at 5-minute steps, a day and a half at 1 minute. [-]"""
 LEVEL_SAMPLE = 2000
 SHIFT_READINGS = 5
+SLOT_HIGH_QUANTILE = 0.9
+"""A shift up must also rise above what the device draws at that hour on nine days in
+ten: household use is skewed (most evenings quiet, some busy), so the median and its
+spread alone call every busy evening a shift. [-]"""
+RECENT_DAYS = 3
+"""A level shift is a move away from what the last days did at that hour too: once two
+of the last three days were at the new level (a season's heating, a move-in), it is
+the new normal, weeks before the profile's median has caught up. [days]"""
 SHIFT_MIN_READINGS = 4
 SUNLIT_W_M2 = 50.0
 """Irradiance above which PV output per irradiance is meaningful. [W/m2]"""
 SPIKE_RATIO = 1.5
 """A PV spike's output per irradiance is at least this multiple of the recent one. [-]"""
 RUN_SAMPLE = 200
+NATURAL_RUN_QUANTILE = 0.99
+"""The natural run length a stuck value must clearly exceed (twice, plus one). [-]"""
+PEAK_QUANTILE = 0.99
+"""PV at or above this quantile of its levels is at its peak (clipping): robust to the
+odd outlier learned before the spike rule was armed. [-]"""
+DROP_BACK_S = 3600.0
+DROP_BACK_READINGS = 2
+"""A drop ends once readings have been back this long and this many times. [s], [-]"""
+CLIP_MAX_S = 8 * 3600.0
+"""Longest plateau a clipping inverter holds: the sun's strong hours. [s]"""
 """Completed natural runs of repeated values remembered per device. [-]"""
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 WEEKDAYS: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -230,7 +259,10 @@ class _Profile:
 
     days: int
     slots: dict[tuple[int, int], list[float]] = field(default_factory=dict)
-    stats: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
+    stats: dict[tuple[int, int], tuple[float, float, float]] = field(default_factory=dict)
+    """(median, spread, upper quantile ``SLOT_HIGH_QUANTILE``) per slot."""
+    latest: dict[int, list[float]] = field(default_factory=dict)
+    """Per local hour, its means of the last ``RECENT_DAYS`` days (any day type)."""
     version: int = 0
     """Counts the additions: what is derived from the stats can be cached per version."""
 
@@ -238,6 +270,7 @@ class _Profile:
         self.version += 1
         key = (day_type, hour)
         _push(self.slots.setdefault(key, []), mean_kw, self.days)
+        _push(self.latest.setdefault(hour, []), mean_kw, RECENT_DAYS)
         self.stats.pop(key, None)
         self.stats.pop((2, hour), None)
 
@@ -247,15 +280,34 @@ class _Profile:
         hour = key[1]
         return [*self.slots.get((0, hour), ()), *self.slots.get((1, hour), ())]
 
+    def recent(self, hour: int) -> float | None:
+        """The median of the hour's means over the last ``RECENT_DAYS`` days, once known."""
+        latest = self.latest.get(hour)
+        return median(latest) if latest is not None and len(latest) == RECENT_DAYS else None
+
     def expected(self, day_type: int, hour: int, min_days: int) -> tuple[float, float] | None:
         """(median, spread) of the slot, falling back to the hour over all days."""
+        stats = self._stats(day_type, hour, min_days)
+        return None if stats is None else (stats[0], stats[1])
+
+    def usual_high(self, day_type: int, hour: int, min_days: int) -> float | None:
+        """The slot's ``SLOT_HIGH_QUANTILE`` quantile of hourly means (same fallback)."""
+        stats = self._stats(day_type, hour, min_days)
+        return None if stats is None else stats[2]
+
+    def _stats(self, day_type: int, hour: int, min_days: int) -> tuple[float, float, float] | None:
         for key in ((day_type, hour), (2, hour)):
             stats = self.stats.get(key)
             if stats is None:
                 values = self._values(key)
                 if len(values) < min_days:
                     continue
-                stats = self.stats[key] = (median(values), mad_spread(values))
+                ordered = sorted(values)
+                stats = self.stats[key] = (
+                    median_of_sorted(ordered),
+                    mad_spread(ordered),
+                    quantile_of_sorted(ordered, SLOT_HIGH_QUANTILE),
+                )
             return stats
         return None
 
@@ -305,6 +357,11 @@ class SignalDetector:
         self.run_value: float | None = None
         self.run_length = 0
         self.run_start_s = 0.0
+        self.drop_back_since_s: float | None = None
+        """Since when readings have been back from an open drop. [s]"""
+        self.drop_back_readings = 0
+        self.run_at_peak = False
+        """The current run was excused as a clipping inverter's plateau at some point."""
         self.natural_runs = RollingSample(RUN_SAMPLE, refresh=1)
         self.open: dict[str, _Incident] = {}
         self.sun_ratios: list[float] = []
@@ -312,6 +369,7 @@ class SignalDetector:
         self._noise: tuple[int, float] = (-1, 0.0)
         self._bounds: tuple[tuple[int, int], tuple[float, float]] = ((-1, -1), (0.0, 0.0))
         self._lowest: tuple[int, float] = (-1, 0.0)
+        self._run_bar: tuple[int, float] = (-1, 1.0)
         # Per-reading caches (a reading costs microseconds, and most of what it asks
         # changes once a quarter hour or once a refresh of a sample).
         self._ready = False
@@ -334,6 +392,7 @@ class SignalDetector:
             "levels": self.levels.to_state(),
             "diffs": self.diffs.to_state(),
             "profile": [[d, h, list(v)] for (d, h), v in self.profile.slots.items()],
+            "profile_recent": [[h, list(v)] for h, v in self.profile.latest.items()],
             "hour": [
                 None if self.hour.key is None else self.hour.key[0].isoformat(),
                 None if self.hour.key is None else self.hour.key[1],
@@ -348,7 +407,8 @@ class SignalDetector:
             "hour_window": [list(p) for p in self.hour_window],
             "pending": None if self.pending is None else astuple(self.pending),
             "dip": None if self.dip is None else astuple(self.dip),
-            "run": [self.run_value, self.run_length, self.run_start_s],
+            "run": [self.run_value, self.run_length, self.run_start_s, self.run_at_peak],
+            "drop_back": [self.drop_back_since_s, self.drop_back_readings],
             "natural_runs": self.natural_runs.to_state(),
             "open": {
                 label: [i.alert.model_dump(mode="json"), i.extreme]
@@ -367,6 +427,8 @@ class SignalDetector:
         for day_type, hour, values in state["profile"]:
             for value in values:
                 self.profile.add(day_type, hour, value)
+        # (Replaying the slots above filled the latest days out of order.)
+        self.profile.latest = {h: list(v) for h, v in state.get("profile_recent", [])}
         day, hour, sum_kw, count, day_type = state["hour"]
         key = None if day is None else (date.fromisoformat(day), hour)
         self.hour = _HourAccumulator(key, sum_kw, count, day_type)
@@ -378,7 +440,9 @@ class SignalDetector:
         self.hour_sum_kw = sum(v for _, v in self.hour_window)
         self.pending = None if state["pending"] is None else _PendingSpike(*state["pending"])
         self.dip = None if state["dip"] is None else _PendingSpike(*state["dip"])
-        self.run_value, self.run_length, self.run_start_s = state["run"]
+        self.run_value, self.run_length, self.run_start_s = state["run"][:3]
+        self.run_at_peak = bool(state["run"][3]) if len(state["run"]) > 3 else False
+        self.drop_back_since_s, self.drop_back_readings = state.get("drop_back", [None, 0])
         self.natural_runs.restore(state["natural_runs"])
         self.open = {
             label: _Incident(Alert.model_validate(alert), extreme)
@@ -567,21 +631,30 @@ class SignalDetector:
         else:
             if "stuck" in self.open:
                 self._resolve("stuck", at, out)
-            elif self.run_length >= 2 and value != 0.0 and not self.open:
-                # Zeros are never stuck, and a run inside another incident (a dropout) is
-                # not how this device naturally repeats: neither may raise the bar.
+            elif self.run_length >= 2 and value != 0.0 and not self.open and not self.run_at_peak:
+                # Zeros are never stuck, a run inside another incident (a dropout) is not
+                # how this device naturally repeats, and a clipping inverter's plateau is
+                # excused on its own: none may raise the bar.
                 self.natural_runs.add(float(self.run_length))
             self.run_value = power_kw
             self.run_length = 1
+            self.run_at_peak = False
             return False
         if "stuck" in self.open:
             return True
-        longest = self.natural_runs.largest() if len(self.natural_runs) else 1.0
-        needed = max(self.settings.stuck_min_readings, int(1 + 2 * longest))
-        # At the device's peak (an inverter clipping at its limit) a flat value is normal.
+        # A high quantile, not the longest: one freeze too short to be caught must not
+        # raise the bar for good.
+        longest = self._natural_run()
+        needed = max(self.settings.stuck_min_readings, int(longest) + 2)
+        # At the device's peak (an inverter clipping at its limit) a flat value is normal,
+        # for as long as the sun can hold an inverter at its limit.
         at_peak = (
-            self.kind == "solar" and len(self.levels) and power_kw >= self.levels.quantile(0.999)
+            self.kind == "solar"
+            and len(self.levels) > 0
+            and power_kw >= self.levels.quantile(PEAK_QUANTILE)
+            and ts_s - self.run_start_s < CLIP_MAX_S
         )
+        self.run_at_peak = self.run_at_peak or at_peak
         if not ready or power_kw == 0.0 or at_peak or self.run_length < needed:
             return False
         start = datetime.fromtimestamp(self.run_start_s, UTC)
@@ -592,12 +665,22 @@ class SignalDetector:
             power_kw,
             None,
             f"{self.device} has reported exactly {power_kw:g} kW for {self.run_length} readings "
-            f"(its longest natural repeat is {longest:g})",
+            f"(its natural repeats reach {longest:g})",
             out,
             readings=self.run_length,
         )
         self.open["stuck"] = _Incident(alert, power_kw)
         return True
+
+    def _natural_run(self) -> float:
+        """The natural run length (readings); cached until a run is learned."""
+        runs = self.natural_runs
+        if self._run_bar[0] != runs.version:
+            self._run_bar = (
+                runs.version,
+                runs.quantile(NATURAL_RUN_QUANTILE) if len(runs) else 1.0,
+            )
+        return self._run_bar[1]
 
     def _sunlit_jump(self, power_kw: float, irradiance_w_m2: float | None) -> bool:
         """Whether the sun explains a PV jump: output per irradiance stayed where it was.
@@ -713,8 +796,20 @@ class SignalDetector:
         incident = self.open.get("drop")
         if not reasons:
             if incident is not None:
-                self._resolve("drop", at, out)
+                # Back for a while, not for a reading: a home left empty flickers about
+                # its floor, and that is one drop, not a hundred.
+                if self.drop_back_since_s is None:
+                    self.drop_back_since_s = ts_s
+                    self.drop_back_readings = 0
+                self.drop_back_readings += 1
+                if (
+                    ts_s - self.drop_back_since_s >= DROP_BACK_S
+                    and self.drop_back_readings >= DROP_BACK_READINGS
+                ):
+                    self._resolve("drop", datetime.fromtimestamp(self.drop_back_since_s, UTC), out)
+                    self.drop_back_since_s = None
             return False
+        self.drop_back_since_s = None
         if incident is not None:
             incident.extreme = min(incident.extreme, power_kw)
             return True
@@ -768,7 +863,10 @@ class SignalDetector:
                 if abs(recent_kw - expected_kw) > abs(incident.extreme - expected_kw)
                 else incident.extreme
             )
-            if abs(z) < 0.5 * limit:
+            up = incident.alert.details.get("direction") == "up"
+            moved = sorted(self._moved_kw(expected_kw, up))
+            back_z = median_of_sorted(moved) / spread_kw
+            if (back_z < 0.5 * limit) if up else (back_z > -0.5 * limit):
                 self._resolve("level_shift", at, out)
             return
         # The lower quartile is never above the median, nor the upper one below it: a
@@ -778,34 +876,70 @@ class SignalDetector:
         # A drop or a stuck value explains a deviation better than a shift does.
         if "drop" in self.open or "stuck" in self.open:
             return
+        up = z > 0
+        # Each reading against what is usual at its own hour (a window may span two).
+        moved_kw = self._moved_kw(expected_kw, up)
+        moved = sorted(moved_kw)
         # The whole window must have moved: its lower quartile up, or its upper one down.
         # A cooking hour or an appliance run lifts a few readings, a shift lifts them all.
-        if (quantile_of_sorted(ordered, 0.25) - expected_kw) / spread_kw > limit:
-            z = max(z, limit)
-        elif (quantile_of_sorted(ordered, 0.75) - expected_kw) / spread_kw < -limit:
-            z = min(z, -limit)
+        if up and quantile_of_sorted(moved, 0.25) / spread_kw > limit:
+            z = max(median_of_sorted(moved) / spread_kw, limit)
+        elif not up and quantile_of_sorted(moved, 0.75) / spread_kw < -limit:
+            z = min(median_of_sorted(moved) / spread_kw, -limit)
         else:
             return
         # The shift began at the earliest of the trailing readings that are beyond the limit.
         start_s = ts_s
-        for value_ts, value in zip(reversed(times), reversed(values), strict=True):
-            if (value - expected_kw) / spread_kw * math.copysign(1.0, z) <= limit:
+        for value_ts, value_kw in zip(reversed(times), reversed(moved_kw), strict=True):
+            if value_kw / spread_kw * math.copysign(1.0, z) <= limit:
                 break
             start_s = value_ts
-        direction = "up" if z > 0 else "down"
+        reference_kw = power_kw - moved_kw[-1]  # what is usual now
+        direction = "up" if up else "down"
         alert = self._fire(
             "level_shift",
             datetime.fromtimestamp(start_s, UTC),
             at,
             recent_kw,
-            expected_kw,
-            f"{self.device} moved {direction} to {recent_kw:.3f} kW where {expected_kw:.3f} kW "
+            reference_kw,
+            f"{self.device} moved {direction} to {recent_kw:.3f} kW where {reference_kw:.3f} kW "
             f"is usual at this time of week ({z:+.1f} spreads)",
             out,
             direction=direction,
             spreads=round(z, 3),
         )
         self.open["level_shift"] = _Incident(alert, recent_kw)
+
+    def _moved_kw(self, expected_kw: float, up: bool) -> list[float]:
+        """How far each reading of the shift window is from what is usual at its hour."""
+        references: dict[int, float] = {}
+        moved = []
+        for ts_s, value_kw in zip(self.shift_times, self.shift_values, strict=True):
+            local = self.clock.at(ts_s)
+            reference_kw = references.get(local.hour)
+            if reference_kw is None:
+                reference_kw = references[local.hour] = self._shift_reference_kw(
+                    local, expected_kw, up
+                )
+            moved.append(value_kw - reference_kw)
+        return moved
+
+    def _shift_reference_kw(self, local: LocalTime, expected_kw: float, up: bool) -> float:
+        """What a shift up (or down) at ``local`` is measured from: the profile's
+        expectation at that hour (``expected_kw``, the current hour's, until it has one),
+        or, if further in the shift's direction, what the device draws at that hour on
+        nine days in ten (up) and what the last days did then."""
+        day_type = self._day_type(local)
+        found = self.profile.expected(day_type, local.hour, self.settings.min_history_days)
+        known = [expected_kw if found is None else found[0]]
+        recent_kw = self.profile.recent(local.hour)
+        if recent_kw is not None:
+            known.append(recent_kw)
+        if up:
+            high_kw = self.profile.usual_high(day_type, local.hour, self.settings.min_history_days)
+            if high_kw is not None:
+                known.append(high_kw)
+        return max(known) if up else min(known)
 
     def _high_consumption(
         self,

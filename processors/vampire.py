@@ -25,10 +25,11 @@ excess kW and its cost per idle hour; the resolved one the wasted energy (the
 excess over the idle baseline integrated over the incident) and its cost at
 ``price_per_kwh``.
 
-A period with an incident does not teach the baseline, so a load left on for
-weeks stays an alert every night; a period whose excess another incident
-explains (a level shift, a drop, a stuck value: the caller says so) neither
-fires nor teaches.
+A period with an incident does not teach the baseline, so a load left on stays
+an alert every night, for ``NEW_STANDBY_PERIODS`` nights in a row: then it is
+the new standby (winter heating, a new fridge), and the baseline starts again
+from that night. A period whose excess another incident explains (a level
+shift, a drop, a stuck value: the caller says so) neither fires nor teaches.
 
 Plain Python (no Faust import).
 """
@@ -53,6 +54,9 @@ from processors.baselines import (
 )
 
 MIN_BASELINE_PERIODS = 3
+NEW_STANDBY_PERIODS = 7
+"""Idle periods in a row with a vampire load after which it is the new standby: a
+week of nights, longer than a load left on by mistake goes unnoticed. [-]"""
 MIN_PERIOD_READINGS = 3
 """An idle period with fewer readings than this does not teach the baseline. [-]"""
 IDLE_SAMPLE = 2000
@@ -81,6 +85,8 @@ class _Period:
     above_since: list[float | None] = field(default_factory=lambda: [None] * len(WINDOWS_MIN))
     """Per window: since when its floor has been above its line (the incident's start)."""
     had_incident: bool = False
+    load_seen: bool = False
+    """A vampire load was above its line long enough (its alert fired)."""
 
 
 @dataclass
@@ -120,6 +126,8 @@ class VampireDetector:
         self.idle_readings = RollingSample(IDLE_SAMPLE)
         self.learned_stats = [RollingSample(IDLE_SAMPLE) for _ in WINDOWS_MIN]
         self.periods_learned = 0
+        self.loaded_periods = 0
+        """Idle periods in a row with a vampire load."""
         self.period: _Period | None = None
         self.stretch: _Stretch | None = None
         self.last_s: float | None = None
@@ -132,6 +140,7 @@ class VampireDetector:
             "idle_readings": self.idle_readings.to_state(),
             "learned_stats": [learned.to_state() for learned in self.learned_stats],
             "periods_learned": self.periods_learned,
+            "loaded_periods": self.loaded_periods,
             "last_s": self.last_s,
             "period": None
             if period is None
@@ -143,6 +152,7 @@ class VampireDetector:
                 "stats": [list(stats) for stats in period.stats],
                 "above_since": period.above_since,
                 "had_incident": period.had_incident,
+                "load_seen": period.load_seen,
             },
             "stretch": None
             if stretch is None
@@ -163,6 +173,7 @@ class VampireDetector:
         for learned, values in zip(self.learned_stats, state["learned_stats"], strict=True):
             learned.restore(values)
         self.periods_learned = state["periods_learned"]
+        self.loaded_periods = state.get("loaded_periods", 0)
         self.last_s = state["last_s"]
         period = state["period"]
         if period is not None:
@@ -174,6 +185,7 @@ class VampireDetector:
                 [tuple(stats) for stats in period["stats"]],
                 period["above_since"],
                 period["had_incident"],
+                period.get("load_seen", False),
             )
         stretch = state["stretch"]
         if stretch is not None:
@@ -203,6 +215,16 @@ class VampireDetector:
         whole_quarter = self._quarter_windows and local.base_minute % 15 == 0
         self._idle_of = (local, found, whole_quarter)
         return found
+
+    def _next_idle_quarter_s(self, ts_s: float) -> float:
+        """The start of the first quarter hour after ``ts_s``'s that may be idle (at most a
+        day ahead): readings before it need no look at the calendar."""
+        quarter_s = math.floor(ts_s / QUARTER_HOUR_S) * QUARTER_HOUR_S + QUARTER_HOUR_S
+        for _ in range(96):
+            if self.idle_period(quarter_s) is not None or not self._idle_of[2]:
+                break
+            quarter_s += QUARTER_HOUR_S
+        return quarter_s
 
     def observe(
         self,
@@ -234,7 +256,7 @@ class VampireDetector:
             self._end_period(at, out)
         if period_key is None:
             if self._idle_of[2]:
-                self._busy_until_s = self._idle_of[0].base_s + QUARTER_HOUR_S  # type: ignore[union-attr]
+                self._busy_until_s = self._next_idle_quarter_s(ts_s)
             return out
         if self.period is None:
             self.period = _Period(period_key, ts_s)
@@ -366,6 +388,7 @@ class VampireDetector:
         stretch.alert = alert
         assert self.period is not None
         self.period.had_incident = True
+        self.period.load_seen = True
         out.append(alert)
 
     def _end_stretch(self, at: datetime, out: list[Alert]) -> None:
@@ -391,7 +414,17 @@ class VampireDetector:
         assert period is not None
         self._end_stretch(at, out)
         self.period = None
-        if period.had_incident or len(period.values_kw) < MIN_PERIOD_READINGS:
+        if len(period.values_kw) < MIN_PERIOD_READINGS:
+            return
+        self.loaded_periods = self.loaded_periods + 1 if period.load_seen else 0
+        if self.loaded_periods >= NEW_STANDBY_PERIODS:
+            # A load on for this many idle periods in a row is the new standby (winter
+            # heating, a new fridge): the baseline starts again from this period.
+            self.idle_readings = RollingSample(IDLE_SAMPLE)
+            self.learned_stats = [RollingSample(IDLE_SAMPLE) for _ in WINDOWS_MIN]
+            self.periods_learned = 0
+            self.loaded_periods = 0
+        elif period.had_incident:
             return
         for value in period.values_kw:
             self.idle_readings.add(value)
