@@ -27,12 +27,13 @@ demo: $(INSTALLED)
 	$(VENV)/bin/wattstream demo
 
 # Install the Debian packages of the servers the integration tests run, if missing:
-# InfluxDB 1.x, VictoriaMetrics (InfluxDB v2 write API), Mosquitto.
+# InfluxDB 1.x, VictoriaMetrics (InfluxDB v2 write API), Mosquitto, Prometheus.
 servers:
 	@missing=""; \
 	command -v influxd >/dev/null || missing="$$missing influxdb"; \
 	command -v victoria-metrics >/dev/null || missing="$$missing victoria-metrics"; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		$(SUDO) apt-get update -qq && \

@@ -7,13 +7,15 @@ apps as it likes with different settings.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Any, Protocol
 
 import faust
 import mode
+from aiokafka.errors import KafkaError
 
-from pipeline import commits, kafka, streams, topics
+from pipeline import commits, kafka, metrics, streams, topics
 from pipeline.settings import Settings
 from processors import (
     allocation,
@@ -30,6 +32,8 @@ from processors import (
 )
 from sinks.influx import InfluxSink
 from sinks.webhook import WebhookSink
+
+log = logging.getLogger(__name__)
 
 
 def faust_config(settings: Settings) -> dict[str, Any]:
@@ -142,6 +146,78 @@ class SinkService(mode.Service):
         await self.sink.stop()
 
 
+class MetricsService(mode.Service):
+    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` (``[metrics] port``) beside the
+    agents, and measures the consumer groups' lag every ``lag_interval_s``.
+
+    Ready means: a bootstrap broker accepts connections, the worker's consumer has
+    partitions assigned, and every sink's last write succeeded.
+    """
+
+    def __init__(
+        self, app: faust.App, settings: Settings, sinks: list[Sink], **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.app = app
+        self.settings = settings
+        self.sinks = sinks
+        assert settings.metrics.port is not None
+        readiness = metrics.Readiness()
+        readiness.add("broker", self._broker)
+        readiness.add("partitions", self._partitions)
+        for sink in sinks:
+            readiness.add(f"sink {sink_name(sink)}", self._sink_check(sink))
+        self.server = metrics.MetricsServer(settings.metrics.host, settings.metrics.port, readiness)
+        self.groups = [settings.app_id] + [group_of(sink) for sink in sinks]
+
+    async def _broker(self) -> str | None:
+        return await kafka.broker_accepts(self.settings, timeout_s=1.0)
+
+    async def _partitions(self) -> str | None:
+        consumer = self.app.consumer
+        assigned = consumer.assignment() if consumer is not None else set()
+        return None if assigned else "no partitions assigned (yet)"
+
+    @staticmethod
+    def _sink_check(sink: Sink) -> Any:
+        async def check() -> str | None:
+            stats = getattr(sink, "stats", None)
+            error = getattr(stats, "last_error", None)
+            return None if error is None else f"last write failed: {error}"
+
+        return check
+
+    async def on_start(self) -> None:
+        await self.server.start()
+        self.add_future(self._measure_lag())
+
+    async def on_stop(self) -> None:
+        await self.server.stop()
+
+    async def _measure_lag(self) -> None:
+        topic_names = [self.settings.topic(spec) for spec in topics.ALL_TOPICS if not spec.internal]
+        while not self.should_stop:
+            for group in self.groups:
+                try:
+                    lag = await kafka.group_lag(self.settings, group, topic_names)
+                except (KafkaError, OSError, TimeoutError) as error:  # readiness says so
+                    log.debug("lag of %s not measured: %s", group, error)
+                    continue
+                for tp, end in lag.end.items():
+                    if tp in lag.committed or group == self.settings.app_id:
+                        behind = max(0, end - lag.committed.get(tp, 0))
+                        metrics.CONSUMER_LAG.labels(group, tp.topic, str(tp.partition)).set(behind)
+            await self.sleep(self.settings.metrics.lag_interval_s)
+
+
+def sink_name(sink: Sink) -> str:
+    return str(getattr(sink, "name", type(sink).__name__))
+
+
+def group_of(sink: Sink) -> str:
+    return str(getattr(sink, "group_id", ""))
+
+
 def create_app(settings: Settings, *, with_sinks: bool = False) -> faust.App:
     """The Faust app with every processor; ``with_sinks`` also runs the InfluxDB sink in it."""
     # Faust creates its data directory without parents; a worker started outside
@@ -177,8 +253,13 @@ def create_app(settings: Settings, *, with_sinks: bool = False) -> faust.App:
     # every zone in use); follow-the-sun for sites with [sites.follow_sun].
     carbon.register(app, settings)
     follow_sun.register(app, settings)
+    sinks: list[Sink] = []
     if with_sinks:
-        app.service(SinkService(InfluxSink(settings)))  # type: ignore[arg-type]
+        sinks.append(InfluxSink(settings))
         if settings.webhook.url is not None:
-            app.service(SinkService(WebhookSink(settings)))  # type: ignore[arg-type]
+            sinks.append(WebhookSink(settings))
+    for sink in sinks:
+        app.service(SinkService(sink))  # type: ignore[arg-type]
+    if settings.metrics.port is not None:
+        app.service(MetricsService(app, settings, sinks))  # type: ignore[arg-type]
     return app

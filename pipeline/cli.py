@@ -17,13 +17,14 @@ from typing import Any
 
 import click
 
-from pipeline import schemas, topics
+from pipeline import logs, schemas, topics
 from pipeline.cli_backtest import backtest
 from pipeline.cli_certificates import certificates
 from pipeline.cli_dashboards import dashboards_group
 from pipeline.cli_detect import detect
 from pipeline.cli_detectors import evaluate_detectors
 from pipeline.cli_ingest import ingest_group
+from pipeline.cli_status import status
 from pipeline.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("wattstream")
@@ -44,19 +45,14 @@ class Context:
             sys.exit(EXIT_USAGE)
 
 
-def setup_logging(level: str, file: Path | None = None) -> None:
-    """One line per record (time, level, logger, message) to stderr, or to ``file``."""
-    handlers: list[logging.Handler] = []
-    if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(file))
-    else:
-        handlers.append(logging.StreamHandler(sys.stderr))
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=handlers,
-        force=True,
+def setup_logging(level: str, file: Path | None = None, settings: Settings | None = None) -> None:
+    """Records to stderr or ``file``: text on a terminal, JSON lines otherwise (see
+    :mod:`pipeline.logs`), with the settings' secrets masked."""
+    logs.setup_logging(
+        level,
+        file,
+        log_format=settings.log_format if settings is not None else "auto",
+        secrets=settings.secret_values() if settings is not None else (),
     )
 
 
@@ -121,7 +117,7 @@ def demo(
     if obj.config is None and (DEFAULT_SAMPLE / "wattstream.toml").is_file():
         obj.config = DEFAULT_SAMPLE / "wattstream.toml"
     settings = obj.settings()
-    setup_logging(settings.log_level, file=Path("out/demo.log"))
+    setup_logging(settings.log_level, file=Path("out/demo.log"), settings=settings)
     if not as_json:
         click.echo(
             f"wattstream demo: {telemetry.name} + {prices.name} + {carbon.name}"
@@ -173,7 +169,7 @@ def worker(obj: Context, sinks: bool) -> None:
     from pipeline.local import EmbeddedBroker, with_embedded_broker
 
     settings = obj.settings()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings=settings)
     _check_paths(settings, sinks)
     broker = None
     if settings.embedded_broker:
@@ -202,7 +198,14 @@ def worker(obj: Context, sinks: bool) -> None:
             kafka.bootstrap_servers(settings),
             "" if sinks else ", agents only (--no-sinks)",
         )
-        faust_worker = Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
+        # Our logging (JSON lines off a terminal, batch ids, secrets masked), not mode's.
+        faust_worker = Worker(
+            app,
+            loglevel=settings.log_level,
+            quiet=True,
+            redirect_stdouts=False,
+            override_logging=False,
+        )
         # Faust's terminal spinner, at WARNING and above, sets the root logger to DEBUG so
         # that it spins for every record: every debug line of aiokafka was then built and
         # dropped, a tenth of a busy worker's time.
@@ -326,7 +329,7 @@ def replay(
     if telemetry is None and prices is None:
         raise click.UsageError("give a TELEMETRY file, --prices FILE, or both")
     settings = obj.settings()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings=settings)
     _require_broker(settings, "replay")
     replayer = Replay(
         settings,
@@ -446,7 +449,7 @@ def record(
     from pipeline import kafka
 
     settings = obj.settings()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings=settings)
     _require_broker(settings, "record")
 
     def progress(stats: RecordStats) -> None:
@@ -864,6 +867,7 @@ main.add_command(backtest)
 main.add_command(evaluate_detectors)
 main.add_command(certificates)
 main.add_command(detect)
+main.add_command(status)
 
 
 @schemas_group.command("export")

@@ -60,7 +60,7 @@ def run_connector(
     from pipeline.cli import setup_logging
 
     settings = obj.settings()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings=settings)
     if settings.embedded_broker:
         click.echo(
             "wattstream: connectors need a broker: set WATTSTREAM_BROKER "

@@ -338,10 +338,8 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-async def _probe(settings: Settings, timeout_s: float) -> None:
-    """One attempt: a TCP connect to each bootstrap address until one accepts, then a
-    metadata request. Raises :class:`_BrokerNotAnswering`, or ConnectionError for an
-    answer that retrying will not change."""
+async def broker_accepts(settings: Settings, timeout_s: float) -> str | None:
+    """None if a bootstrap address accepts a TCP connection, else why none did."""
     failures = []
     for host, port in _addresses(bootstrap_servers(settings)):
         try:
@@ -352,11 +350,17 @@ async def _probe(settings: Settings, timeout_s: float) -> None:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
-        break
-    else:
-        raise _BrokerNotAnswering(
-            failures[0].split(": ", 1)[1] if len(failures) == 1 else "; ".join(failures)
-        )
+        return None
+    return failures[0].split(": ", 1)[1] if len(failures) == 1 else "; ".join(failures)
+
+
+async def _probe(settings: Settings, timeout_s: float) -> None:
+    """One attempt: a TCP connect to each bootstrap address until one accepts, then a
+    metadata request. Raises :class:`_BrokerNotAnswering`, or ConnectionError for an
+    answer that retrying will not change."""
+    failure = await broker_accepts(settings, timeout_s)
+    if failure is not None:
+        raise _BrokerNotAnswering(failure)
     admin = AIOKafkaAdminClient(**client_kwargs(settings), request_timeout_ms=int(timeout_s * 1000))
     try:
         await asyncio.wait_for(_list_topics(admin), timeout_s + 1)

@@ -322,6 +322,21 @@ class SiteConfig(_Area):
         return batteries
 
 
+class MetricsSettings(_Area):
+    """Prometheus metrics and health checks of a worker (``WATTSTREAM_METRICS_*``)."""
+
+    port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    """``/metrics``, ``/healthz`` and ``/readyz`` on this port; None: not served (every
+    worker on a host needs its own port); 0: a free one, logged."""
+    host: str = "127.0.0.1"
+    """The address to listen on: ``0.0.0.0`` in a container, for Prometheus to reach."""
+    lag_interval_s: PositiveFloat = 15.0
+    """How often the consumer groups' lag is measured (an offset fetch per partition)."""
+    url: str | None = None
+    """Where a running worker serves ``/metrics``, for ``wattstream status`` to read its
+    sinks' state (e.g. ``http://worker:9464/metrics``)."""
+
+
 class WebhookSettings(_Area):
     """Alert webhooks (``WATTSTREAM_WEBHOOK_*``). With no ``url``, no webhook is sent."""
 
@@ -396,10 +411,13 @@ class Settings(BaseSettings):
     """Faust table store. rocksdb survives restarts without a full changelog replay."""
     data_dir: Path = Path("out/state")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "text", "json"] = "auto"
+    """``auto``: readable lines on a terminal, one JSON object per record otherwise."""
     kafka: KafkaSettings = KafkaSettings()
     influx: InfluxSettings = InfluxSettings()
     replay: ReplaySettings = ReplaySettings()
     webhook: WebhookSettings = WebhookSettings()
+    metrics: MetricsSettings = MetricsSettings()
     sites: list[SiteConfig] = Field(default_factory=list)
 
     @field_validator("sites")
@@ -442,6 +460,22 @@ class Settings(BaseSettings):
     def topic(self, spec: TopicSpec) -> str:
         """The full name of a registry topic in this deployment."""
         return spec.full_name(self.topic_prefix)
+
+    def secret_values(self) -> list[str]:
+        """Every secret the settings hold, in clear: for the logs to mask, never to show."""
+        values = [
+            secret.get_secret_value()
+            for secret in (
+                self.kafka.sasl_password,
+                self.influx.password,
+                self.influx.token,
+                self.webhook.secret,
+            )
+            if secret is not None
+        ]
+        if self.webhook.url is not None:
+            values.append(self.webhook.url)  # a Slack URL carries its key in the path
+        return values
 
     def redacted(self) -> dict[str, Any]:
         """The settings as JSON-able data, secrets masked: safe to log or print.

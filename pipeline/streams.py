@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import faust.streams as faust_streams
 import mode
 from pydantic import BaseModel
 
-from pipeline import codec, topics
+from pipeline import codec, logs, metrics, topics
 from pipeline.schemas import (
     Alert,
     AllocationPlan,
@@ -90,6 +91,7 @@ class DeadLetters:
             partition=message.partition,
             offset=message.offset,
         )
+        metrics.DEAD_LETTERS.labels(self.component, error_type).inc()
         log.warning(
             "dead-lettered record from %s[%d]@%d: %s",
             message.topic,
@@ -305,14 +307,22 @@ def fan_out_agent(
     target_topic = raw_topic(app, settings, target)
     dlq = DeadLetters(app, settings, component=name.rsplit(".", 1)[0])
 
+    source_name = settings.topic(source)
+    target_name = settings.topic(target)
+    consumed = metrics.MESSAGES.labels(source_name, "in")
+    produced = metrics.MESSAGES.labels(target_name, "out")
+
     async def fan_out(stream: Any) -> None:
         async for event in stream.events():
-            message = await decode_event(model, event, dlq)
-            if message is None:
-                continue
-            value = codec.encode(message)
-            for site in sites_for(message):
-                await target_topic.send(key=site.encode(), value=value)
+            consumed.inc()
+            with metrics.timed(name), logs.batch(logs.batch_id(event.message)):
+                message = await decode_event(model, event, dlq)
+                if message is None:
+                    continue
+                value = codec.encode(message)
+                for site in sites_for(message):
+                    await target_topic.send(key=site.encode(), value=value)
+                    produced.inc()
 
     app.agent(source_topic, name=name, supervisor_strategy=AGENT_SUPERVISOR)(fan_out)
 
@@ -458,6 +468,7 @@ def _register_site_agent(app: faust.App, settings: Settings, registry: _SiteStep
         batch = await decode_telemetry_event(event, dlq)
         if batch is None:
             return []
+        metrics.READINGS.labels(event.message.topic).inc(len(batch.readings))
         if batch.site != site:
             await dlq.reject(
                 event, f"batch site {batch.site!r} != Kafka key {site!r}", "KeyMismatch"
@@ -465,12 +476,19 @@ def _register_site_agent(app: faust.App, settings: Settings, registry: _SiteStep
             return []
         return registry.run(site, batch)
 
+    agent_name = f"{__name__}.site_agents"
+
     async def site_agents(stream: Any) -> None:
         async for events in stream.take_events(BATCH_MAX_MESSAGES, within=BATCH_WITHIN_S):
-            with committed_only_when_done(events):
+            with (
+                committed_only_when_done(events),
+                metrics.timed(agent_name),
+                logs.batch(logs.batch_id(events[0].message) if events else None),
+            ):
                 sends: list[tuple[bytes, SiteOutput]] = []
                 for event in events:
                     message = event.message
+                    metrics.MESSAGES.labels(message.topic, "in").inc()
                     site = (message.key or b"").decode("utf-8", "replace")
                     with acting_for(event):
                         if message.topic in internal:
@@ -489,12 +507,13 @@ def _register_site_agent(app: faust.App, settings: Settings, registry: _SiteStep
                         for key, item in sends
                     ]
                 )
+                for item_type, count in Counter(type(item) for _, item in sends).items():
+                    out_topic = settings.topic(OUTPUT_TOPICS[item_type])
+                    metrics.MESSAGES.labels(out_topic, "out").inc(count)
                 for table in registry.tables:
                     table.flush()
 
-    app.agent(source, name=f"{__name__}.site_agents", supervisor_strategy=AGENT_SUPERVISOR)(
-        site_agents
-    )
+    app.agent(source, name=agent_name, supervisor_strategy=AGENT_SUPERVISOR)(site_agents)
 
 
 def _decode_internal(model: type[M], message: Any) -> M | None:

@@ -46,7 +46,7 @@ from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 from influxdb_client.rest import ApiException
 from pydantic import BaseModel
 
-from pipeline import codec, kafka, topics
+from pipeline import codec, kafka, metrics, topics
 from pipeline.backoff import Backoff
 from pipeline.schemas import TelemetryBatch
 from pipeline.settings import InfluxSettings, Settings
@@ -295,6 +295,8 @@ class SinkStats:
     points_written: int = 0
     batches_written: int = 0
     retries: int = 0
+    points_retried: int = 0
+    """Points of writes that failed and were tried again (once per failed attempt)."""
     points_dropped: int = 0
     """Points the server refused (400/422) plus records that did not decode."""
     overflow_records: int = 0
@@ -379,10 +381,17 @@ class InfluxSink:
         self._abandoned = False
         """A write was given up at stop: no later offset may be committed past it."""
 
+    name = "influx"
+
+    def buffered_points(self) -> int:
+        """Points waiting to be written: buffered, and in the write in flight."""
+        return self._buffer.points + self._in_flight_points
+
     async def start(self) -> None:
         if self._started:
             return
         self._started = True
+        metrics.SINKS.sinks.append(self)
         await self.writer.start()
         self._consumer = kafka.consumer(self.settings, *self.topic_names, group_id=self.group_id)
         await self._consumer.start()
@@ -631,6 +640,7 @@ class InfluxSink:
                 return True
             except RetriableWriteError as error:
                 self.stats.retries += 1
+                self.stats.points_retried += buffer.points
                 self.stats.last_error = str(error)
                 wait_s = error.retry_after_s
                 if wait_s is None:
@@ -679,6 +689,8 @@ class InfluxSink:
             elif self._started and not self._failed:
                 await self._drain()
         finally:
+            if self in metrics.SINKS.sinks:
+                metrics.SINKS.sinks.remove(self)
             if self._started:
                 await self._consumer.stop()
             await self.writer.close()

@@ -39,7 +39,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
-from pipeline import codec, kafka, topics
+from pipeline import codec, kafka, metrics, topics
 from pipeline.backoff import Backoff
 from pipeline.schemas import Alert, AlertStatus, DeadLetter, Severity, stable_id
 from pipeline.settings import Settings, WebhookSettings
@@ -171,6 +171,7 @@ class WebhookSink:
         if self._started:
             return
         self._started = True
+        metrics.WEBHOOKS.stats.append(self.stats)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.webhook.timeout_s)
         )
@@ -330,6 +331,8 @@ class WebhookSink:
         if not self._started:
             return
         self._started = False
+        if self.stats in metrics.WEBHOOKS.stats:
+            metrics.WEBHOOKS.stats.remove(self.stats)
         await self._consumer.stop()
         await self._producer.stop()
         if self._session is not None:

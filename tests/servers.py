@@ -215,3 +215,59 @@ log_dest stdout
                 return True
         except OSError:
             return False
+
+
+class Prometheus(ServerProcess):
+    """Prometheus (Debian ``prometheus``) scraping ``targets`` (``host:port``) every second.
+
+    ``query`` runs an instant PromQL query through the HTTP API, as Grafana does.
+    """
+
+    name = "prometheus"
+
+    def __init__(self, targets: list[str], data_dir: Path | None = None) -> None:
+        super().__init__(data_dir)
+        self.binary = _binary("prometheus", "prometheus")
+        self.targets = targets
+        self.config_path = self.data_dir / "prometheus.yml"
+
+    def command(self) -> list[str]:
+        self.config_path.write_text(
+            json.dumps(  # YAML is a superset of JSON
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "scrape_configs": [
+                        {"job_name": "wattstream", "static_configs": [{"targets": self.targets}]}
+                    ],
+                }
+            )
+        )
+        return [
+            self.binary,
+            f"--config.file={self.config_path}",
+            f"--storage.tsdb.path={self.data_dir / 'tsdb'}",
+            f"--web.listen-address={self.host}:{self.port}",
+            "--log.level=warn",
+        ]
+
+    def ready(self) -> bool:
+        return self._status("/-/ready") == 200
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        """The result vector of an instant query: ``[{"metric": {...}, "value": [t, "v"]}]``."""
+        body = self._request("/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
+        answer = json.loads(body)
+        if answer.get("status") != "success":
+            raise RuntimeError(f"prometheus: {promql}: {answer}")
+        result: list[dict[str, Any]] = answer["data"]["result"]
+        return result
+
+    def value(self, promql: str) -> float | None:
+        """The single number an instant query gives (None: no series)."""
+        result = self.query(promql)
+        return float(result[0]["value"][1]) if result else None
+
+    def target_health(self) -> list[str]:
+        """The health of each scrape target: ``up``, ``down`` or ``unknown``."""
+        answer = json.loads(self._request("/api/v1/targets"))
+        return [t["health"] for t in answer["data"]["activeTargets"]]
