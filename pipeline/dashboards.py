@@ -649,3 +649,77 @@ def _dashboard_exists(api: Any, uid: str) -> bool:
             return False
         raise
     return True
+
+
+# --- the internals dashboard (Prometheus) --------------------------------------------------
+
+PROMETHEUS_UID = "wattstream-prometheus"
+"""The uid of the provisioned Prometheus datasource (the workers' own metrics)."""
+INTERNALS_DIR = DEFAULT_DIR / "internals"
+"""Dashboards over Prometheus. A subdirectory: Grafana's file provider reads it with the
+others, while the InfluxQL checks above look only at the top level."""
+PROMQL_MACROS = frozenset({"__rate_interval", "__interval", "__range"})
+
+
+def promql_queries(dashboard: Dashboard) -> list[DashboardQuery]:
+    """Every panel target's PromQL (``expr``) of a Prometheus dashboard."""
+    return [
+        DashboardQuery(
+            dashboard.uid,
+            "panel",
+            str(panel.get("title", "")),
+            str(target.get("refId", "")),
+            str(target.get("expr", "")),
+            target,
+        )
+        for panel in panels(dashboard.model)
+        for target in panel.get("targets", [])
+    ]
+
+
+def expand_promql(expr: str, rate_interval: timedelta, time_range: timedelta) -> str:
+    """``expr`` with Grafana's Prometheus macros replaced as its server does."""
+    values = {
+        "__rate_interval": format_interval(rate_interval),
+        "__interval": format_interval(rate_interval / 4),
+        "__range": format_interval(time_range),
+    }
+    return re.sub(
+        r"\$\{?(__rate_interval|__interval|__range)\}?", lambda m: values[m.group(1)], expr
+    )
+
+
+def lint_prometheus(dashboards: Sequence[Dashboard]) -> list[str]:
+    """What is wrong with Prometheus dashboards: a uid and a null id, unique panel titles,
+    every panel and target on the provisioned Prometheus datasource, a non-empty
+    ``expr`` per target, and no variable but Grafana's macros (there are none to set)."""
+    problems: list[str] = []
+    for dashboard in dashboards:
+        where = dashboard.path.name
+        if not dashboard.uid:
+            problems.append(f"{where}: no uid")
+        if dashboard.model.get("id") is not None:
+            problems.append(f"{where}: id must be null")
+        titles: set[str] = set()
+        for panel in panels(dashboard.model):
+            here = f"{where}: panel {panel.get('title')!r}"
+            if panel.get("type") in PANELS_WITHOUT_QUERIES:
+                continue
+            if panel.get("title") in titles:
+                problems.append(f"{here}: another panel has the same title")
+            titles.add(str(panel.get("title")))
+            nodes = [panel, *panel.get("targets", [])]
+            if any(_datasource_uid(n) != PROMETHEUS_UID for n in nodes):
+                problems.append(f"{here}: datasource uid must be {PROMETHEUS_UID!r}")
+            if any(n.get("datasource", {}).get("type") != "prometheus" for n in nodes):
+                problems.append(f"{here}: datasource type must be 'prometheus'")
+            if not panel.get("targets"):
+                problems.append(f"{here}: no targets")
+            for target in panel.get("targets", []):
+                expr = str(target.get("expr", ""))
+                if not expr.strip():
+                    problems.append(f"{here} target {target.get('refId')!r}: no expr")
+                unknown = set(re.findall(r"\$\{?(\w+)", expr)) - PROMQL_MACROS
+                if unknown:
+                    problems.append(f"{here}: unknown variables {sorted(unknown)}")
+    return problems

@@ -262,6 +262,18 @@ class Prometheus(ServerProcess):
         result: list[dict[str, Any]] = answer["data"]["result"]
         return result
 
+    def query_range(
+        self, promql: str, start_s: float, end_s: float, step_s: float = 1.0
+    ) -> list[dict[str, Any]]:
+        """The matrix of a range query, as Grafana asks for a panel's time range."""
+        params = {"query": promql, "start": start_s, "end": end_s, "step": step_s}
+        body = self._request("/api/v1/query_range?" + urllib.parse.urlencode(params))
+        answer = json.loads(body)
+        if answer.get("status") != "success":
+            raise RuntimeError(f"prometheus: {promql}: {answer}")
+        result: list[dict[str, Any]] = answer["data"]["result"]
+        return result
+
     def value(self, promql: str) -> float | None:
         """The single number an instant query gives (None: no series)."""
         result = self.query(promql)
