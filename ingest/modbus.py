@@ -73,7 +73,7 @@ from ingest import sunspec
 from ingest.batching import site_batches
 from ingest.config import TomlConfig, check_unique_devices
 from ingest.running import gather_until_stopped
-from pipeline import codec, kafka, topics
+from pipeline import codec, kafka, metrics, topics
 from pipeline.backoff import Backoff
 from pipeline.schemas import (
     READING_MODELS,
@@ -394,8 +394,10 @@ class ModbusConnector:
         interval_s = state.config.poll_interval_s
         next_at = loop.time()
         backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s, self._random)
+        poll_seconds = metrics.DEVICE_POLL_SECONDS.labels("modbus")
         while not self._stop_requested.is_set():
-            ok = await self._poll_once(state)
+            with poll_seconds.time():
+                ok = await self._poll_once(state)
             if ok or state.outage_start is None:
                 backoff.reset()
                 # Fixed rate: the schedule does not drift by the poll's own duration;

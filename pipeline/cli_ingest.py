@@ -82,9 +82,32 @@ def run_connector(
         sys.exit(1)
 
 
+def connector_name(connector: Connector) -> str:
+    """``modbus`` for a ModbusConnector, ``prices`` for a PriceFeed: the metrics' label."""
+    name = type(connector).__name__
+    for suffix in ("Connector", "Feed"):
+        name = name.removesuffix(suffix)
+    return name.lower() or "connector"
+
+
 async def _serve(settings: Settings, connector: Connector) -> None:
+    from pipeline import metrics
+
     await kafka.wait_for_broker_at_start(settings, long_running=True)
     await kafka.ensure_topics(settings)
+    server = None
+    if settings.metrics.port is not None:
+        readiness = metrics.Readiness()
+
+        async def broker() -> str | None:
+            return await kafka.broker_accepts(settings, timeout_s=1.0)
+
+        readiness.add("broker", broker)
+        server = metrics.MetricsServer(settings.metrics.host, settings.metrics.port, readiness)
+        await server.start()
+    stats = getattr(connector, "stats", None)
+    if stats is not None:
+        metrics.CONNECTORS.connectors[connector_name(connector)] = stats
     await connector.start()
     task = asyncio.create_task(connector.run())
     loop = asyncio.get_running_loop()
@@ -95,6 +118,8 @@ async def _serve(settings: Settings, connector: Connector) -> None:
             await task
     finally:
         await connector.stop()
+        if server is not None:
+            await server.stop()
 
 
 @click.group("ingest")

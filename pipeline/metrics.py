@@ -66,6 +66,12 @@ CONSUMER_LAG = Gauge(
     "Messages of a partition not yet committed by a consumer group (end offset - committed).",
     ["group", "topic", "partition"],
 )
+DEVICE_POLL_SECONDS = Histogram(
+    "wattstream_device_poll_seconds",
+    "Time one poll of one device took (answered or not).",
+    ["connector"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
 READY = Gauge("wattstream_ready", "1 while every readiness check passes, else 0.")
 
 
@@ -185,10 +191,55 @@ class WebhookCollector(Collector):
         return iter(())
 
 
+class ConnectorCollector(Collector):
+    """Device polls and commands of the connectors running in this process, read from the
+    statistics they keep (``polls_ok``... of a Modbus connector, ``sent``, ``dry_run``...
+    of a control connector)."""
+
+    POLL_FIELDS = (("ok", "polls_ok"), ("error", "polls_failed"))
+    COMMAND_FIELDS = ("sent", "dry_run", "rejected", "failed", "rate_limited", "skipped")
+
+    def __init__(self) -> None:
+        self.connectors: dict[str, Any] = {}
+        """Their statistics, by connector name (``modbus``, ``control``...)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        polls = CounterMetricFamily(
+            "wattstream_device_polls",
+            "Polls of devices by outcome: ok (answered), error.",
+            labels=["connector", "outcome"],
+        )
+        offline = GaugeMetricFamily(
+            "wattstream_devices_offline",
+            "Devices a connector cannot reach now.",
+            labels=["connector"],
+        )
+        commands = CounterMetricFamily(
+            "wattstream_commands",
+            "Commands to devices by outcome: sent, dry_run (control not enabled), rejected "
+            "(unknown device, out of bounds), failed, rate_limited, skipped (superseded).",
+            labels=["connector", "outcome"],
+        )
+        for name, stats in self.connectors.items():
+            if hasattr(stats, "polls_ok"):
+                for outcome, attribute in self.POLL_FIELDS:
+                    polls.add_metric([name, outcome], getattr(stats, attribute))
+                offline.add_metric([name], stats.devices_offline)
+            if hasattr(stats, "dry_run"):
+                for outcome in self.COMMAND_FIELDS:
+                    commands.add_metric([name, outcome], getattr(stats, outcome))
+        yield from (polls, offline, commands)
+
+    def describe(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        return iter(())
+
+
 SINKS = SinkCollector()
 WEBHOOKS = WebhookCollector()
+CONNECTORS = ConnectorCollector()
 REGISTRY.register(SINKS)
 REGISTRY.register(WEBHOOKS)
+REGISTRY.register(CONNECTORS)
 
 
 # --- readiness and the HTTP endpoint -------------------------------------------------
@@ -295,8 +346,10 @@ def probe(url: str = "http://127.0.0.1:9464/readyz", timeout_s: float = 5.0) -> 
 
 __all__ = [
     "AGENT_SECONDS",
+    "CONNECTORS",
     "CONSUMER_LAG",
     "DEAD_LETTERS",
+    "DEVICE_POLL_SECONDS",
     "MESSAGES",
     "READINGS",
     "READY",

@@ -130,6 +130,7 @@ async def test_simulate_sunspec_then_ingest_modbus_puts_all_three_devices_in_kaf
 
     settings = make_settings(broker=kafka_broker.bootstrap, kafka={"one_record_per_batch": True})
     port = free_port()
+    metrics_port = free_port()
     simulator = await asyncio.create_subprocess_exec(
         *WATTSTREAM, "simulate", "sunspec", "--port", str(port), "--site", "sim-home",
         env=env_for(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -156,6 +157,7 @@ async def test_simulate_sunspec_then_ingest_modbus_puts_all_three_devices_in_kaf
                 WATTSTREAM_TOPIC_PREFIX=settings.topic_prefix,
                 WATTSTREAM_PARTITIONS=str(settings.partitions),
                 WATTSTREAM_KAFKA_ONE_RECORD_PER_BATCH="true",
+                WATTSTREAM_METRICS_PORT=str(metrics_port),
             ),
             stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
@@ -172,6 +174,12 @@ async def test_simulate_sunspec_then_ingest_modbus_puts_all_three_devices_in_kaf
         battery = kinds["battery"]
         assert 0 <= battery.soc_pct <= 100  # type: ignore[attr-defined]
         assert kinds["solar"].power_kw >= 0  # type: ignore[attr-defined]
+        # The connector's /metrics: every device answered, each poll timed, none offline.
+        page = await asyncio.to_thread(metrics_page, f"http://127.0.0.1:{metrics_port}/metrics")
+        assert page[("wattstream_device_polls_total", ("modbus", "ok"))] >= 3
+        assert page[("wattstream_device_polls_total", ("modbus", "error"))] == 0
+        assert page[("wattstream_devices_offline", ("modbus",))] == 0
+        assert page[("wattstream_device_poll_seconds_count", ("modbus",))] >= 3
         connector.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(connector.communicate(), timeout=30)
         assert connector.returncode == 0, stderr.decode()[-2000:]
@@ -185,3 +193,19 @@ async def test_simulate_sunspec_then_ingest_modbus_puts_all_three_devices_in_kaf
                     process.kill()
                     await process.wait()
     assert simulator.returncode == 0
+
+
+def metrics_page(url: str) -> dict[tuple[str, tuple[str, ...]], float]:
+    """Every sample of a /metrics page, by name and label values (``le`` left out)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our loopback URL
+        text = response.read().decode()
+    return {
+        (s.name, tuple(v for k, v in s.labels.items() if k != "le")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if "le" not in s.labels
+    }
