@@ -26,6 +26,7 @@ from processors import (
     fleet,
     follow_sun,
     island,
+    patents,
     prices,
     scram,
     solar,
@@ -253,6 +254,8 @@ def create_app(settings: Settings, *, with_sinks: bool = False) -> faust.App:
     # every zone in use); follow-the-sun for sites with [sites.follow_sun].
     carbon.register(app, settings)
     follow_sun.register(app, settings)
+    # The deep-tech patent watch, with a [patents] section.
+    patents.register(app, settings)
     sinks: list[Sink] = []
     if with_sinks:
         sinks.append(InfluxSink(settings))

@@ -24,6 +24,7 @@ from pipeline.cli_dashboards import dashboards_group
 from pipeline.cli_detect import detect
 from pipeline.cli_detectors import evaluate_detectors
 from pipeline.cli_ingest import ingest_group
+from pipeline.cli_patents import patents_group
 from pipeline.cli_status import status
 from pipeline.settings import Settings, SettingsError, load_settings
 
@@ -868,6 +869,7 @@ main.add_command(evaluate_detectors)
 main.add_command(certificates)
 main.add_command(detect)
 main.add_command(status)
+main.add_command(patents_group)
 
 
 @schemas_group.command("export")

@@ -22,7 +22,7 @@ generator power are >= 0; EV ``power_kw`` is positive when charging the car
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeAlias
 
@@ -545,6 +545,49 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     DeadLetter,
     ChargingSessionEvent,
 )
+
+
+class PatentOffice(StrEnum):
+    USPTO = "USPTO"
+    EPO = "EPO"
+    WIPO = "WIPO"
+
+
+class Patent(Message):
+    """A patent publication (a grant or a published application) as its office
+    published it. Kafka key: ``patent_id``.
+
+    ``patent_id`` is the DOCDB-style ``COUNTRY-NUMBER-KIND`` (``US-11289658-B2``,
+    ``EP-3712345-A1``, ``WO-2021123456-A1``): the same document has the same id
+    whichever office's format it came in. Classes are written without spaces
+    (``G21B1/05``), as CPC and IPC symbols are compared.
+    """
+
+    patent_id: Identifier
+    office: PatentOffice
+    """Whose format the record came in (a WO document may come from the EPO too)."""
+    country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")]
+    doc_number: Annotated[str, Field(min_length=1, max_length=40)]
+    kind: Annotated[str, Field(pattern=r"^[A-Z][0-9A-Z]?$")]
+    """Kind code: B1/B2 a US grant, A1 an application with search report..."""
+    title: Annotated[str, Field(min_length=1)]
+    abstract: str = ""
+    claims: list[str] = Field(default_factory=list)
+    """The claims' texts, in order (full-text formats only; OPS bibliographic data has none)."""
+    cpc: list[str] = Field(default_factory=list)
+    ipc: list[str] = Field(default_factory=list)
+    applicants: list[str] = Field(default_factory=list)
+    inventors: list[str] = Field(default_factory=list)
+    publication_date: date
+    filing_date: date | None = None
+    priority_date: date | None = None
+    citations: list[str] = Field(default_factory=list)
+    """Patent documents cited (``COUNTRY-NUMBER[-KIND]`` as the record gives them)."""
+    non_patent_citations: Annotated[int, Field(ge=0)] = 0
+    """Citations of papers and other literature: a sign of engagement with the science."""
+    language: str | None = None
+    source: Annotated[str, Field(min_length=1)]
+    """The file or URL the record was read from."""
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:

@@ -418,6 +418,9 @@ class Settings(BaseSettings):
     replay: ReplaySettings = ReplaySettings()
     webhook: WebhookSettings = WebhookSettings()
     metrics: MetricsSettings = MetricsSettings()
+    patents: dict[str, Any] | None = None
+    """``[patents]``: the deep-tech patent watch (its alerts' site, watchlists, the score
+    to alert from); validated by ``processors/patents.py`` at start-up. None: off."""
     sites: list[SiteConfig] = Field(default_factory=list)
 
     @field_validator("sites")

@@ -153,6 +153,16 @@ EV_SESSIONS = TopicSpec(
     description="EV charging session events from OCPP charge points: plug-in, "
     "transaction start, stop (with the energy delivered), unplug.",
 )
+PATENTS = TopicSpec(
+    "wattstream.patents",
+    schemas.Patent,
+    key="patent_id",
+    keyed_by_site=False,
+    partitions=1,
+    compacted=True,  # the latest record of each document
+    retention_ms=-1,
+    description="Patent publications (USPTO, EPO, WIPO) for the deep-tech watch.",
+)
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     TELEMETRY,
@@ -168,6 +178,7 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     COMMANDS,
     DEAD_LETTERS,
     EV_SESSIONS,
+    PATENTS,
 )
 
 

@@ -66,6 +66,7 @@ DEFAULT_TOPICS = (
     topics.CERTIFICATES,
     topics.COMMANDS,
     topics.EV_SESSIONS,
+    topics.PATENTS,
 )
 """Every topic with a line-protocol mapping: what Grafana's dashboards read."""
 

@@ -38,6 +38,7 @@ from pipeline.schemas import (
     Command,
     Decision,
     EmissionsRecord,
+    Patent,
     PriceTick,
     SourceFlow,
     TelemetryBatch,
@@ -308,6 +309,32 @@ def session_lines(event: ChargingSessionEvent) -> list[bytes]:
     ]
 
 
+def patent_lines(patent: Patent) -> list[bytes]:
+    """A ``patent`` point at its publication date (00:00 UTC): what the watch has read."""
+    published = datetime(
+        patent.publication_date.year,
+        patent.publication_date.month,
+        patent.publication_date.day,
+        tzinfo=UTC,
+    )
+    return [
+        point_line(
+            "patent",
+            {"office": patent.office.value, "country": patent.country, "kind": patent.kind},
+            {
+                "patent_id": patent.patent_id,
+                "title": patent.title,
+                "cpc": " ".join(patent.cpc),
+                "applicants": "; ".join(patent.applicants),
+                "claims": len(patent.claims),
+                "citations": len(patent.citations),
+                "non_patent_citations": patent.non_patent_citations,
+            },
+            event_ns(published, patent.patent_id),
+        )
+    ]
+
+
 LINES_BY_SCHEMA: dict[type[BaseModel], Callable[[Any], list[bytes]]] = {
     TelemetryBatch: telemetry_lines,
     PriceTick: price_lines,
@@ -319,4 +346,5 @@ LINES_BY_SCHEMA: dict[type[BaseModel], Callable[[Any], list[bytes]]] = {
     CertificateEvent: certificate_lines,
     Command: command_lines,
     ChargingSessionEvent: session_lines,
+    Patent: patent_lines,
 }
