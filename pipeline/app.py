@@ -122,7 +122,9 @@ def use_fetch_wait(app: faust.App, settings: Settings) -> None:
 
 def agent_input_topics(settings: Settings) -> list[str]:
     """The topics the worker's agents consume (its consumer group is ``app_id``)."""
-    specs = (topics.TELEMETRY, topics.SITE_PRICES, topics.PRICES, topics.SITE_CARBON, topics.CARBON)
+    specs = [topics.TELEMETRY, topics.SITE_PRICES, topics.PRICES, topics.SITE_CARBON, topics.CARBON]
+    if settings.patents is not None:
+        specs.append(topics.PATENTS)
     return [settings.topic(spec) for spec in specs]
 
 

@@ -70,6 +70,7 @@ from pipeline.schemas import (
 from pipeline.settings import Settings, load_settings
 from tests.conftest import REPO, SAMPLE_CONFIG
 from tests.servers import InfluxDB1
+from tests.unit.processors.test_patent_scoring import fusion_grant
 
 pytestmark = pytest.mark.integration
 
@@ -275,20 +276,15 @@ def alerts_and_commands() -> Produced:
         )
         out.append((topics.COMMANDS, site, shed))
 
-    # The SCRAM alert and command come from the real SCRAM agent on the fusion telemetry.
+    # The SCRAM alert and command come from the real SCRAM agent on the fusion telemetry;
+    # the patent alerts from the real patent watch, on two grants published that week.
     for patent_day in (0, 4):
-        out.extend(
-            (topics.ALERTS, FUSION_SITE, alert)
-            for alert in _alert_pair(
-                FUSION_SITE,
-                None,
-                "patent",
-                Severity.INFO,
-                WEEK_START + timedelta(days=patent_day, hours=8),
-                timedelta(days=1),
-                "new patent on high-temperature superconducting magnets",
-            )
+        grant = fusion_grant(
+            doc_number=f"1190000{patent_day}",
+            patent_id=f"US-1190000{patent_day}-B2",
+            publication_date=(WEEK_START + timedelta(days=patent_day)).date(),
         )
+        out.append((topics.PATENTS, grant.patent_id, grant))
     return out
 
 
@@ -470,6 +466,7 @@ def loaded(
             data_dir=tmp_path_factory.mktemp("dashboards") / "state",
             kafka={"one_record_per_batch": True},
             influx={"url": influxdb.url, "database": database, "flush_interval_s": 0.5},
+            patents={"site": FUSION_SITE},
         )
         asyncio.run(_load(settings))
     provisioned = yaml.safe_load(DATASOURCE_YAML.read_text())["datasources"][0]
