@@ -168,7 +168,7 @@ from ingest.control import AUDIT_TOPIC
 if TYPE_CHECKING:
     from ingest.ocpp_control import OcppCommandConsumer
 from ingest.batching import site_batches
-from pipeline import codec, kafka, topics
+from pipeline import codec, kafka, metrics, topics
 from pipeline.backoff import Backoff
 from pipeline.schemas import (
     ChargingSessionEvent,
@@ -1690,6 +1690,8 @@ class OcppConnector:
             except BaseException:
                 await self.stop()
                 raise
+            # Its commands (sent, dry-run...) on the process's /metrics, next to ours.
+            metrics.CONNECTORS.connectors["ocpp-control"] = control.stats
             self.control = control
 
     @property

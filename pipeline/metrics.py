@@ -192,9 +192,10 @@ class WebhookCollector(Collector):
 
 
 class ConnectorCollector(Collector):
-    """Device polls and commands of the connectors running in this process, read from the
-    statistics they keep (``polls_ok``... of a Modbus connector, ``sent``, ``dry_run``...
-    of a control connector)."""
+    """What the connectors running in this process read, produced and did, from the
+    statistics they keep: device messages in and readings out (MQTT, OCPP, Modbus), dead
+    letters, polls (``polls_ok``... of Modbus), commands (``sent``, ``dry_run``... of the
+    control connector and of the OCPP control path)."""
 
     POLL_FIELDS = (("ok", "polls_ok"), ("error", "polls_failed"))
     COMMAND_FIELDS = ("sent", "dry_run", "rejected", "failed", "rate_limited", "skipped")
@@ -220,7 +221,36 @@ class ConnectorCollector(Collector):
             "(unknown device, out of bounds), failed, rate_limited, skipped (superseded).",
             labels=["connector", "outcome"],
         )
+        received = CounterMetricFamily(
+            "wattstream_connector_messages_received",
+            "Messages from devices (MQTT messages, OCPP frames) a connector received.",
+            labels=["connector"],
+        )
+        readings = CounterMetricFamily(
+            "wattstream_connector_readings",
+            "Readings a connector produced to the telemetry topic.",
+            labels=["connector"],
+        )
+        batches = CounterMetricFamily(
+            "wattstream_connector_batches",
+            "Telemetry messages (batches of readings) a connector produced.",
+            labels=["connector"],
+        )
+        letters = CounterMetricFamily(
+            "wattstream_connector_dead_letters",
+            "Records a connector sent to the dead-letter topic.",
+            labels=["connector"],
+        )
         for name, stats in self.connectors.items():
+            for family, attribute in (
+                (received, "messages_received"),
+                (received, "frames_received"),
+                (readings, "readings_produced"),
+                (batches, "batches_produced"),
+                (letters, "dead_lettered"),
+            ):
+                if hasattr(stats, attribute):
+                    family.add_metric([name], getattr(stats, attribute))
             if hasattr(stats, "polls_ok"):
                 for outcome, attribute in self.POLL_FIELDS:
                     polls.add_metric([name, outcome], getattr(stats, attribute))
@@ -228,7 +258,7 @@ class ConnectorCollector(Collector):
             if hasattr(stats, "dry_run"):
                 for outcome in self.COMMAND_FIELDS:
                     commands.add_metric([name, outcome], getattr(stats, outcome))
-        yield from (polls, offline, commands)
+        yield from (polls, offline, commands, received, readings, batches, letters)
 
     def describe(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         return iter(())

@@ -38,6 +38,7 @@ from pipeline.schemas import (
 )
 from pipeline.settings import Settings
 from tests.conftest import SettingsFactory
+from tests.integration.test_ingest_commands import metrics_page
 from tests.workers import run_wattstream, start_wattstream
 
 pytestmark = pytest.mark.integration
@@ -537,6 +538,7 @@ async def test_the_ingest_and_simulate_ocpp_commands(
     kafka_broker: EmbeddedBroker, settings: Settings, tmp_path: Path
 ) -> None:
     port = free_port()
+    metrics_port = free_port()
     config = tmp_path / "ocpp.toml"
     config.write_text(
         f"[ocpp]\nport = {port}\nbatch_max_wait_s = 0.05\n"
@@ -551,6 +553,7 @@ async def test_the_ingest_and_simulate_ocpp_commands(
         WATTSTREAM_TOPIC_PREFIX=settings.topic_prefix,
         WATTSTREAM_PARTITIONS=str(settings.partitions),
         WATTSTREAM_KAFKA_ONE_RECORD_PER_BATCH="true",
+        WATTSTREAM_METRICS_PORT=str(metrics_port),
         CP_PASSWORD=PASSWORD,
     )
     csms = start_wattstream(env, tmp_path / "csms.log", "ingest", "ocpp", str(config))
@@ -580,6 +583,16 @@ async def test_the_ingest_and_simulate_ocpp_commands(
             ("wb-2", SessionEventType.STOPPED),
         ]
         assert {e.ocpp_version for e in events} == {"1.6", "2.0.1"}
+        # The CSMS's /metrics counts what reached the telemetry topic, reading for reading.
+        batches = [
+            codec.decode(TelemetryBatch, value)
+            for _, value in await kafka.read_all(settings, topics.TELEMETRY)
+        ]
+        sent = sum(len(b.readings) for b in batches if b.site == "cli")
+        page = await asyncio.to_thread(metrics_page, f"http://127.0.0.1:{metrics_port}/metrics")
+        assert sent > 0
+        assert page[("wattstream_connector_readings_total", ("ocpp",))] == sent
+        assert page[("wattstream_connector_messages_received_total", ("ocpp",))] > sent
         csms.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(csms.wait, 30) == 0
     finally:
