@@ -13,8 +13,9 @@ and learns, from the past only, three robust baselines:
   device makes in normal use (a household's oven with the kettle on), and the
   factor (1.25) a margin beyond it: the bound adapts to each device's own
   behaviour, no number in kW is tuned to a dataset. A reading past the upper
-  bound adds the bound itself to the sample, so an event the device makes
-  often soon raises the bound above itself, while a rare fault leaves it.
+  bound within ``SPIKE_REPEAT_S`` (3 days) of the last one adds the bound itself
+  to the sample, so an event the device makes often soon raises the bound above
+  itself, while a rare fault leaves it.
 * **Time-of-week profile**: the hourly mean power per local hour and day type
   (weekday or weekend/holiday: the time of week that matters for energy use,
   learnable in days rather than the months 168 hour-of-week slots need), over
@@ -128,6 +129,10 @@ RECENT_DAYS = 3
 of the last three days were at the new level (a season's heating, a move-in), it is
 the new normal, weeks before the profile's median has caught up. [days]"""
 SHIFT_MIN_READINGS = 4
+SPIKE_REPEAT_S = 72 * 3600.0
+"""A crossing of the spike line within this time of the last one teaches the sample that
+the device does this: in time, not readings, so the line moves alike at every step
+(2,000 residuals are a week at 5 minutes but six weeks at half an hour). [s]"""
 SUNLIT_W_M2 = 50.0
 """Irradiance above which PV output per irradiance is meaningful. [W/m2]"""
 SPIKE_RATIO = 1.5
@@ -353,6 +358,8 @@ class SignalDetector:
         self.hour_window: deque[tuple[float, float]] = deque()
         self.hour_sum_kw = 0.0
         self.pending: _PendingSpike | None = None
+        self.last_crossing_s = -math.inf
+        """When a reading last crossed the spike line. [s]"""
         self.dip: _PendingSpike | None = None
         self.run_value: float | None = None
         self.run_length = 0
@@ -409,6 +416,7 @@ class SignalDetector:
             "dip": None if self.dip is None else astuple(self.dip),
             "run": [self.run_value, self.run_length, self.run_start_s, self.run_at_peak],
             "drop_back": [self.drop_back_since_s, self.drop_back_readings],
+            "last_crossing_s": None if math.isinf(self.last_crossing_s) else self.last_crossing_s,
             "natural_runs": self.natural_runs.to_state(),
             "open": {
                 label: [i.alert.model_dump(mode="json"), i.extreme]
@@ -443,6 +451,8 @@ class SignalDetector:
         self.run_value, self.run_length, self.run_start_s = state["run"][:3]
         self.run_at_peak = bool(state["run"][3]) if len(state["run"]) > 3 else False
         self.drop_back_since_s, self.drop_back_readings = state.get("drop_back", [None, 0])
+        crossed = state.get("last_crossing_s")
+        self.last_crossing_s = -math.inf if crossed is None else crossed
         self.natural_runs.restore(state["natural_runs"])
         self.open = {
             label: _Incident(Alert.model_validate(alert), extreme)
@@ -739,10 +749,13 @@ class SignalDetector:
             return pending.readings <= self.settings.spike_max_readings
         if residual_kw > upper_kw and not self._sunlit_jump(power_kw, irradiance_w_m2):
             self.pending = _PendingSpike(ts_s, power_kw, level_kw, 1)
-            # The sample learns that something reached the line (not how far beyond): an
-            # event the device makes often (a home's daily oven) soon moves the line above
-            # itself, while a rare fault leaves it where it is.
-            self.residuals.add(upper_kw)
+            # The sample learns that something reached the line (not how far beyond) when
+            # it happens again within SPIKE_REPEAT_S: an event the device makes often (a
+            # home's daily oven) soon moves the line above itself, while a rare fault
+            # leaves it where it is, at 5-minute steps as at half-hourly ones.
+            if ts_s - self.last_crossing_s < SPIKE_REPEAT_S:
+                self.residuals.add(upper_kw)
+            self.last_crossing_s = ts_s
             return True
         return False
 

@@ -181,6 +181,38 @@ def test_readings_flickering_about_the_floor_are_one_drop() -> None:
     assert drops[1].end == START + (at + 73) * STEP
 
 
+def test_rare_spikes_leave_the_line_where_it_is_and_frequent_ones_move_it() -> None:
+    # Half-hourly readings: 2,000 residuals are six weeks, so six faults four days
+    # apart all sit in the sample at once. Each is found, and the line stays put.
+    step, per_day = timedelta(minutes=30), 48
+    rng = np.random.default_rng(1)
+    hours = np.arange(44 * per_day) * 0.5
+    values = list(
+        (1.0 + 0.3 * np.sin(2 * math.pi * hours / 24))
+        * (1 + 0.05 * rng.standard_normal(len(hours)))
+    )
+    detector = SignalDetector("s", "d", "home")
+    alerts: list[Alert] = []
+    line_kw = 0.0
+    for k, value in enumerate(values):
+        if k == 22 * per_day:  # after the 1,000 residuals the tails need
+            line_kw = detector.residual_bounds()[1]
+        if k >= 22 * per_day and (k - 22 * per_day) % (4 * per_day) == 20:
+            value += 1.5 * line_kw
+        alerts.extend(detector.observe(START + k * step, value))
+    assert len(firing(alerts, "spike")) == 6
+    assert detector.residual_bounds()[1] < 1.15 * line_kw
+
+    frequent = series(9)
+    at = 5 * PER_DAY
+    for k in range(at, len(frequent), 24):  # every two hours, for four days
+        frequent[k] += 1.0
+    spikes = firing(run(frequent), "spike")
+    first_day = [a for a in spikes if a.start < START + timedelta(days=6)]
+    last_day = [a for a in spikes if a.start >= START + timedelta(days=8)]
+    assert len(first_day) >= 3 and last_day == []  # what it does every day is its normal
+
+
 def test_late_and_duplicate_readings_are_ignored() -> None:
     detector = SignalDetector("s", "d", "home")
     assert detector.observe(START, 1.0) == []
