@@ -129,6 +129,7 @@ def agent_input_topics(settings: Settings) -> list[str]:
 
 
 class Sink(Protocol):
+    def failing(self) -> str | None: ...
     async def start(self) -> None: ...
     async def run(self) -> None: ...
     async def stop(self) -> None: ...
@@ -184,8 +185,7 @@ class MetricsService(mode.Service):
     @staticmethod
     def _sink_check(sink: Sink) -> Any:
         async def check() -> str | None:
-            stats = getattr(sink, "stats", None)
-            error = getattr(stats, "last_error", None)
+            error = sink.failing()
             return None if error is None else f"last write failed: {error}"
 
         return check

@@ -384,6 +384,10 @@ class InfluxSink:
 
     name = "influx"
 
+    def failing(self) -> str | None:
+        """Why the last write failed (None once one succeeded): what readiness reports."""
+        return self.stats.last_error
+
     def buffered_points(self) -> int:
         """Points waiting to be written: buffered, and in the write in flight."""
         return self._buffer.points + self._in_flight_points

@@ -166,6 +166,12 @@ class WebhookSink:
         self._run_exited = asyncio.Event()
         self._running = False
         self._started = False
+        self._failing: str | None = None
+
+    def failing(self) -> str | None:
+        """Why the endpoint cannot be reached now (None once a delivery succeeded again):
+        what readiness reports. A refusal is an answer, not an outage."""
+        return self._failing
 
     async def start(self) -> None:
         if self._started:
@@ -220,6 +226,7 @@ class WebhookSink:
         for attempt in range(1, self.webhook.max_attempts + 1):
             try:
                 await self._post(body, delivery_id)
+                self._failing = None
                 self.stats.sent += 1
                 self.filter.delivered(alert)
                 return True
@@ -227,7 +234,7 @@ class WebhookSink:
                 await self._dead_letter(message, f"webhook refused: {error}", "WebhookRefused")
                 return True
             except RetriableDeliveryError as error:
-                self.stats.last_error = str(error)
+                self.stats.last_error = self._failing = str(error)
                 if attempt == self.webhook.max_attempts:
                     await self._dead_letter(
                         message,

@@ -165,6 +165,7 @@ async def test_a_slow_receiver_times_out_and_is_retried(
             await eventually(lambda: committed(settings, sink))
     assert calls == 2 and sink.stats.sent == 1
     assert "TimeoutError" in (sink.stats.last_error or "")
+    assert sink.failing() is None  # delivered again: ready again, the error kept for stats
 
 
 async def test_permanent_failures_are_dead_lettered_and_the_stream_goes_on(
