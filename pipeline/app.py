@@ -167,15 +167,12 @@ class MetricsService(mode.Service):
         self.sinks = sinks
         assert settings.metrics.port is not None
         readiness = metrics.Readiness()
-        readiness.add("broker", self._broker)
+        readiness.add("broker", metrics.broker_check(settings))
         readiness.add("partitions", self._partitions)
         for sink in sinks:
             readiness.add(f"sink {sink_name(sink)}", self._sink_check(sink))
         self.server = metrics.MetricsServer(settings.metrics.host, settings.metrics.port, readiness)
         self.groups = [settings.app_id] + [group_of(sink) for sink in sinks]
-
-    async def _broker(self) -> str | None:
-        return await kafka.broker_accepts(self.settings, timeout_s=1.0)
 
     async def _partitions(self) -> str | None:
         consumer = self.app.consumer

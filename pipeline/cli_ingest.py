@@ -98,11 +98,7 @@ async def _serve(settings: Settings, connector: Connector) -> None:
     server = None
     if settings.metrics.port is not None:
         readiness = metrics.Readiness()
-
-        async def broker() -> str | None:
-            return await kafka.broker_accepts(settings, timeout_s=1.0)
-
-        readiness.add("broker", broker)
+        readiness.add("broker", metrics.broker_check(settings))
         server = metrics.MetricsServer(settings.metrics.host, settings.metrics.port, readiness)
         await server.start()
     stats = getattr(connector, "stats", None)

@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,6 +35,9 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from pipeline import kafka
+from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +360,16 @@ class MetricsServer:
         )
 
 
+def broker_check(settings: Settings) -> Callable[[], Awaitable[str | None]]:
+    """The readiness check every process with a Kafka client has: a bootstrap broker
+    accepts connections."""
+
+    async def broker() -> str | None:
+        return await kafka.broker_accepts(settings, timeout_s=1.0)
+
+    return broker
+
+
 def probe(url: str = "http://127.0.0.1:9464/readyz", timeout_s: float = 5.0) -> None:
     """Exit 0 if ``url`` answers 200, else 1 with why: a container's health check (the
     worker image has Python, not curl)."""
@@ -387,6 +400,7 @@ __all__ = [
     "WEBHOOKS",
     "MetricsServer",
     "Readiness",
+    "broker_check",
     "probe",
     "timed",
 ]

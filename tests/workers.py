@@ -1,11 +1,12 @@
 """Running a Faust worker in a test: start it, produce its input, wait until it is read, stop;
-or a ``wattstream`` command as a process of its own."""
+or a ``wattstream`` command as a process of its own; and reading what it serves on /metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import faust
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import kafka
 from pipeline.local import stop_process
@@ -101,3 +103,17 @@ async def until_done_or_dead(
             pytest.fail(f"worker exited with {process.returncode}:\n{output}")
         await asyncio.wait([task], timeout=0.5)
     task.result()
+
+
+def metrics_page(url: str) -> dict[tuple[str, tuple[str, ...]], float]:
+    """Every sample of a /metrics page, by name and label values in the order of the
+    labels' names (``le`` left out): ``("wattstream_sink_points_total", ("written",
+    "influx"))`` for ``outcome`` and ``sink``."""
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our loopback URL
+        text = response.read().decode()
+    return {
+        (s.name, tuple(v for k, v in sorted(s.labels.items()) if k != "le")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if "le" not in s.labels
+    }

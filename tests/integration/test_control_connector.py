@@ -20,7 +20,6 @@ import signal
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from pipeline.schemas import Command, stable_id
 from pipeline.settings import Settings
 from tests.conftest import SettingsFactory
 from tests.servers import Mosquitto
+from tests.workers import metrics_page
 
 pytestmark = pytest.mark.integration
 
@@ -715,11 +715,9 @@ max_setpoint_kw = 5.0
 
         await eventually(audited, timeout_s=60.0)
         # Its /metrics says the same: one command, dry-run.
-        commands = await asyncio.to_thread(
-            scrape, f"http://127.0.0.1:{metrics_port}/metrics", "wattstream_commands_total"
-        )
-        assert commands[("control", "dry_run")] == 1.0
-        assert commands[("control", "sent")] == 0.0
+        page = await asyncio.to_thread(metrics_page, f"http://127.0.0.1:{metrics_port}/metrics")
+        assert page[("wattstream_commands_total", ("control", "dry_run"))] == 1.0
+        assert page[("wattstream_commands_total", ("control", "sent"))] == 0.0
         process.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
         assert process.returncode == 0, stderr.decode()[-2000:]
@@ -733,17 +731,3 @@ max_setpoint_kw = 5.0
     assert record.command_id == item.command_id and audit_outcome(record) == Outcome.DRY_RUN
     assert record.setpoint_kw == 5.0 and "clamped from 9 to 5 kW" in record.reason
     assert modbus.writes == []
-
-
-def scrape(url: str, name: str) -> dict[tuple[str, ...], float]:
-    """The samples of one metric on a /metrics page, by their label values."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our loopback URL
-        text = response.read().decode()
-    return {
-        tuple(sample.labels.values()): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name
-    }

@@ -15,6 +15,7 @@ from pipeline import codec, kafka, topics
 from pipeline.local import EmbeddedBroker
 from pipeline.schemas import PriceTick
 from tests.conftest import REPO, SettingsFactory
+from tests.workers import metrics_page
 
 pytestmark = pytest.mark.integration
 
@@ -193,19 +194,3 @@ async def test_simulate_sunspec_then_ingest_modbus_puts_all_three_devices_in_kaf
                     process.kill()
                     await process.wait()
     assert simulator.returncode == 0
-
-
-def metrics_page(url: str) -> dict[tuple[str, tuple[str, ...]], float]:
-    """Every sample of a /metrics page, by name and label values (``le`` left out)."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our loopback URL
-        text = response.read().decode()
-    return {
-        (s.name, tuple(v for k, v in s.labels.items() if k != "le")): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if "le" not in s.labels
-    }

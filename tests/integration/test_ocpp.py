@@ -38,8 +38,7 @@ from pipeline.schemas import (
 )
 from pipeline.settings import Settings
 from tests.conftest import SettingsFactory
-from tests.integration.test_ingest_commands import metrics_page
-from tests.workers import run_wattstream, start_wattstream
+from tests.workers import metrics_page, run_wattstream, start_wattstream
 
 pytestmark = pytest.mark.integration
 

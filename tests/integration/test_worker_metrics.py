@@ -25,7 +25,7 @@ from pipeline.settings import Settings
 from tests.conftest import SettingsFactory
 from tests.integration.test_arbitrage_agent import HOURS, SITES, write_inputs
 from tests.servers import InfluxDB1, Prometheus
-from tests.workers import wattstream_process
+from tests.workers import metrics_page, wattstream_process
 
 pytestmark = pytest.mark.integration
 
@@ -208,22 +208,15 @@ async def test_a_sink_outage_shows_in_its_gauges_and_counters(
 
 
 def scrape_sink(url: str) -> dict[str, float]:
-    """The influx sink's numbers from a /metrics page."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our loopback URL
-        text = response.read().decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.labels.get("sink") != "influx":
-                continue
-            if sample.name == "wattstream_sink_up":
-                out["up"] = sample.value
-            elif sample.name == "wattstream_sink_buffer_points":
-                out["buffered"] = sample.value
-            elif sample.name == "wattstream_sink_retries_total":
-                out["retries"] = sample.value
-            elif sample.name == "wattstream_sink_points_total":
-                out[sample.labels["outcome"]] = sample.value
-    return out
+    """The influx sink's numbers from a /metrics page (those it has yet)."""
+    names: dict[tuple[str, tuple[str, ...]], str] = {
+        ("wattstream_sink_up", ("influx",)): "up",
+        ("wattstream_sink_buffer_points", ("influx",)): "buffered",
+        ("wattstream_sink_retries_total", ("influx",)): "retries",
+        **{
+            ("wattstream_sink_points_total", (outcome, "influx")): outcome
+            for outcome in ("written", "retried", "dropped")
+        },
+    }
+    page = metrics_page(url)
+    return {short: page[key] for key, short in names.items() if key in page}
