@@ -32,7 +32,7 @@ import bisect
 import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -437,7 +437,7 @@ class SiteState:
             batteries={
                 device: BatteryState(
                     b["last"],
-                    sorted(((int(t), float(soc)) for t, soc in b["unpriced"]), key=_ts_of),
+                    _earliest_per_bucket((int(t), float(soc)) for t, soc in b["unpriced"]),
                     CachedPlan.from_json(b.get("plan")),
                 )
                 for device, b in data["batteries"].items()
@@ -604,10 +604,18 @@ class SiteArbitrage:
         state: SiteState, battery_state: BatteryState, ts_ms: int, soc_pct: float
     ) -> None:
         waiting = battery_state.unpriced
-        if waiting and waiting[-1][0] // UNPRICED_BUCKET_MS == ts_ms // UNPRICED_BUCKET_MS:
-            return  # not the first reading of its bucket: it can never be an interval's first
-        # In time order (an append, unless the device sent an older reading late).
-        bisect.insort_right(waiting, (ts_ms, soc_pct), key=_ts_of)
+        # One reading per bucket, the earliest, whatever the arrival order: a worker
+        # restarted from its committed offsets reads again readings its state already
+        # holds, behind newer ones. Compared with the last reading only, each of those
+        # was kept, and a backlog re-read that way pushed the oldest readings out at
+        # MAX_UNPRICED before their prices came (a kill -9 run lost four days of decisions).
+        bucket_start_ms = ts_ms - ts_ms % UNPRICED_BUCKET_MS
+        index = bisect.bisect_left(waiting, bucket_start_ms, key=_ts_of)
+        if index < len(waiting) and waiting[index][0] < bucket_start_ms + UNPRICED_BUCKET_MS:
+            if ts_ms < waiting[index][0]:
+                waiting[index] = (ts_ms, soc_pct)  # an earlier reading of the bucket, late
+            return
+        waiting.insert(index, (ts_ms, soc_pct))
         if len(waiting) > MAX_UNPRICED:
             del waiting[0]
             state.dropped_unpriced += 1
@@ -621,6 +629,16 @@ class SiteArbitrage:
 
 def _ts_of(waiting: tuple[int, float]) -> int:
     return waiting[0]
+
+
+def _earliest_per_bucket(readings: Iterable[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Waiting readings in time order, the earliest of each bucket (a state saved by an
+    older version may be out of order or hold several readings of a bucket)."""
+    kept: list[tuple[int, float]] = []
+    for ts_ms, soc_pct in sorted(readings, key=_ts_of):
+        if not kept or kept[-1][0] // UNPRICED_BUCKET_MS != ts_ms // UNPRICED_BUCKET_MS:
+            kept.append((ts_ms, soc_pct))
+    return kept
 
 
 def command_for(decision: Decision, battery: BatteryConfig) -> Command | None:

@@ -227,6 +227,45 @@ class TestSiteJoin:
         assert [d.soc_pct for d in engine.on_price(state, tick(1, 0.01))] == [60.0]
         assert [soc for _, soc in state.batteries["b1"].unpriced] == [40.0, 70.0]
 
+    def test_an_earlier_reading_of_a_bucket_arriving_late_takes_its_place(self) -> None:
+        engine, state = SiteArbitrage(SITE), SiteState()
+        engine.on_readings(state, [reading(3, 53.0), reading(7, 57.0)])
+        engine.on_readings(state, [reading(4, 54.0), reading(1, 51.0), reading(6, 56.0)])
+        assert [soc for _, soc in state.batteries["b1"].unpriced] == [51.0, 56.0]
+
+    def test_readings_read_again_after_a_restart_do_not_push_out_waiting_ones(self) -> None:
+        """A worker restarted from its committed offsets reads again what its state holds,
+        behind newer readings: that neither grows the waiting list nor drops from it."""
+        engine, state = SiteArbitrage(SITE), SiteState()
+        days = 30  # within MAX_UNPRICED buckets
+        minutes = range(0, days * 24 * 60)
+        engine.on_readings(state, [reading(m, 50.0) for m in minutes])
+        waiting = list(state.batteries["b1"].unpriced)
+        assert len(waiting) == days * 24 * 12 <= MAX_UNPRICED
+        engine.on_readings(state, [reading(m, 50.0) for m in minutes[-3 * 24 * 60 :]])
+        assert state.batteries["b1"].unpriced == waiting
+        assert state.dropped_unpriced == 0
+        (decision,) = engine.on_price(state, tick(0, 0.01))
+        assert decision.decided_at == T0
+
+    def test_a_state_saved_with_several_readings_per_bucket_keeps_the_earliest(self) -> None:
+        saved = SiteState().to_json()
+        minute_ms = 60_000
+        t0_ms = int(T0.timestamp() * 1000)
+        saved["batteries"] = {
+            "b1": {
+                "last": None,
+                "unpriced": [
+                    [t0_ms + 6 * minute_ms, 56.0],
+                    [t0_ms, 50.0],
+                    [t0_ms, 50.0],
+                    [t0_ms + 2 * minute_ms, 52.0],
+                ],
+            }
+        }
+        restored = SiteState.from_json(saved)
+        assert restored.batteries["b1"].unpriced == [(t0_ms, 50.0), (t0_ms + 6 * minute_ms, 56.0)]
+
     def test_waiting_readings_are_bounded_by_count_not_by_event_time(self) -> None:
         engine, state = SiteArbitrage(SITE), SiteState()
         days = 40
