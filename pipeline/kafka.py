@@ -450,7 +450,14 @@ async def read_all(
     For summaries and tests; a consumer that must keep up uses a group instead.
     A topic that does not exist (yet) reads as empty.
     """
-    name = settings.topic(spec)
+    return await read_topic(settings, settings.topic(spec), timeout_s)
+
+
+async def read_topic(
+    settings: Settings, name: str, timeout_s: float = 60.0
+) -> list[tuple[bytes | None, bytes]]:
+    """:func:`read_all` of a topic by its full name (one outside the registry, such as
+    a Faust table's changelog)."""
     ends = await end_offsets(settings, [name])
     remaining = {tp for tp, end in ends.items() if end > 0}
     records: list[tuple[bytes | None, bytes]] = []

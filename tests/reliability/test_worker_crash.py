@@ -155,18 +155,31 @@ async def _outputs(settings: Settings) -> dict[str, Counter[bytes]]:
 
 
 async def _keep_evidence(tmp_path: Path, *runs: Settings) -> None:
-    """Every topic of both runs, to tmp_path/evidence: what a failed comparison needs."""
+    """Both runs' topics and table changelogs, to tmp_path/evidence: what a failed
+    comparison needs (a changelog shows which state the restarted worker came back
+    with, and where it lost or gained something)."""
     evidence = tmp_path / "evidence"
     evidence.mkdir(exist_ok=True)
     for settings in runs:
+        run = settings.app_id.rsplit("-", 1)[-1]
         for spec in (*OUTPUTS, topics.SITE_CARBON, topics.SITE_PRICES, topics.CARBON):
             records = await kafka.read_all(settings, spec)
             lines = [
                 orjson.dumps({"key": (k or b"").decode(), "value": orjson.loads(v)})
                 for k, v in records
             ]
-            path = evidence / f"{settings.app_id.rsplit('-', 1)[-1]}.{spec.name}.jsonl"
-            path.write_bytes(b"\n".join(lines))
+            (evidence / f"{run}.{spec.name}.jsonl").write_bytes(b"\n".join(lines))
+        async with kafka.running(kafka.consumer(settings, group_id=None)) as probe:
+            names = await probe.topics()
+        for name in sorted(n for n in names if n.startswith(settings.app_id)):
+            records = await kafka.read_topic(settings, name)
+            lines = [
+                orjson.dumps({"key": (k or b"").decode(), "value": (v or b"").decode()})
+                for k, v in records
+            ]
+            (evidence / f"{run}.{name.replace(settings.app_id + '-', '')}.jsonl").write_bytes(
+                b"\n".join(lines)
+            )
 
 
 def _points(influxdb: InfluxDB1, database: str) -> dict[str, list[tuple[tuple[str, str], ...]]]:
