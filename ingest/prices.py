@@ -45,6 +45,7 @@ import io
 import itertools
 import logging
 import re
+import time as clock
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -536,12 +537,19 @@ class PriceFeedConfig(FeedConfig):
 
 @dataclass
 class FeedStats:
+    """What a feed did since it started (read by ``/metrics`` at scrape time)."""
+
     polls: int = 0
+    polls_answered: int = 0
+    """Polls the source answered: with data (sent, dead-lettered) or "not published yet"."""
+    last_answered_unix_s: float | None = None
+    """When the source last answered [s since the epoch]: how stale the feed is."""
     sent: int = 0
     duplicates: int = 0
     bad_documents: int = 0
     bad_rows: int = 0
     fetch_errors: int = 0
+    """Polls that failed: the source unavailable, or Kafka (retried with backoff)."""
     last_error: str | None = None
 
 
@@ -675,6 +683,8 @@ class Feed(Generic[M]):
         except KafkaError as error:
             # Nothing is remembered as sent until acknowledged: the next poll re-sends.
             return self._backoff(f"Kafka: {error}")
+        self.stats.polls_answered += 1
+        self.stats.last_answered_unix_s = clock.time()
         self._backoff_delays.reset()
         return self.config.poll_interval_s
 

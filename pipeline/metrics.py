@@ -198,7 +198,8 @@ class ConnectorCollector(Collector):
     """What the connectors running in this process read, produced and did, from the
     statistics they keep: device messages in and readings out (MQTT, OCPP, Modbus), dead
     letters, polls (``polls_ok``... of Modbus), commands (``sent``, ``dry_run``... of the
-    control connector and of the OCPP control path)."""
+    control connector and of the OCPP control path), and the price and carbon feeds'
+    polls, messages sent, rejections and last answer (``polls_answered``...)."""
 
     POLL_FIELDS = (("ok", "polls_ok"), ("error", "polls_failed"))
     COMMAND_FIELDS = ("sent", "dry_run", "rejected", "failed", "rate_limited", "skipped")
@@ -244,7 +245,36 @@ class ConnectorCollector(Collector):
             "Records a connector sent to the dead-letter topic.",
             labels=["connector"],
         )
+        feed_polls = CounterMetricFamily(
+            "wattstream_feed_polls",
+            "Polls of a price or carbon source by outcome: ok (it answered, also with "
+            "'not published yet'), error (unavailable, or Kafka; retried with backoff).",
+            labels=["connector", "outcome"],
+        )
+        feed_sent = CounterMetricFamily(
+            "wattstream_feed_messages_sent",
+            "New prices or intensities a feed sent (ones already sent are skipped).",
+            labels=["connector"],
+        )
+        feed_rejected = CounterMetricFamily(
+            "wattstream_feed_rejected",
+            "What a feed dead-lettered: whole documents and single rows.",
+            labels=["connector", "what"],
+        )
+        feed_answered = GaugeMetricFamily(
+            "wattstream_feed_last_answer_timestamp_seconds",
+            "When the source last answered a poll (Unix time): alert on time() minus it.",
+            labels=["connector"],
+        )
         for name, stats in self.connectors.items():
+            if hasattr(stats, "polls_answered"):
+                feed_polls.add_metric([name, "ok"], stats.polls_answered)
+                feed_polls.add_metric([name, "error"], stats.fetch_errors)
+                feed_sent.add_metric([name], stats.sent)
+                feed_rejected.add_metric([name, "document"], stats.bad_documents)
+                feed_rejected.add_metric([name, "row"], stats.bad_rows)
+                if stats.last_answered_unix_s is not None:
+                    feed_answered.add_metric([name], stats.last_answered_unix_s)
             for family, attribute in (
                 (received, "messages_received"),
                 (received, "frames_received"),
@@ -262,6 +292,7 @@ class ConnectorCollector(Collector):
                 for outcome in self.COMMAND_FIELDS:
                     commands.add_metric([name, outcome], getattr(stats, outcome))
         yield from (polls, offline, commands, received, readings, batches, letters)
+        yield from (feed_polls, feed_sent, feed_rejected, feed_answered)
 
     def describe(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         return iter(())

@@ -7,12 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from pipeline import codec, kafka, topics
-from pipeline.local import EmbeddedBroker
+from pipeline.local import EmbeddedBroker, free_port
 from pipeline.schemas import PriceTick
 from tests.conftest import REPO, SettingsFactory
 from tests.workers import metrics_page
@@ -34,10 +35,12 @@ async def test_ingest_prices_runs_the_feed_until_sigterm(
     prices = tmp_path / "prices.csv"
     prices.write_text(
         "time,market,price_per_mwh\n2025-04-07T00:00:00Z,IT-NORD,91.5\n"
-        "2025-04-07T01:00:00Z,IT-NORD,-3.25\n"
+        "2025-04-07T01:00:00Z,IT-NORD,-3.25\n2025-04-07T02:00:00Z,IT-NORD,cheap\n"
     )
     config = tmp_path / "prices.toml"
     config.write_text(f'[prices]\nsource = "{prices}"\npoll_interval_s = 0.5\n')
+    metrics_port = free_port()
+    started_unix_s = time.time()
     process = await asyncio.create_subprocess_exec(
         *WATTSTREAM,
         "ingest",
@@ -48,6 +51,7 @@ async def test_ingest_prices_runs_the_feed_until_sigterm(
             WATTSTREAM_TOPIC_PREFIX=settings.topic_prefix,
             WATTSTREAM_PARTITIONS=str(settings.partitions),
             WATTSTREAM_KAFKA_ONE_RECORD_PER_BATCH="true",
+            WATTSTREAM_METRICS_PORT=str(metrics_port),
         ),
         stderr=asyncio.subprocess.PIPE,
     )
@@ -64,6 +68,16 @@ async def test_ingest_prices_runs_the_feed_until_sigterm(
         assert [t.price_per_kwh for t in ticks] == [0.0915, -0.00325]
         await asyncio.sleep(1.5)  # more polls of the same file must not re-send
         assert len(await kafka.read_all(settings, topics.PRICES)) == 2
+        # The feed's /metrics: every poll answered, two ticks sent once, the bad row
+        # dead-lettered once however often it was read, and when the file last answered.
+        page = await asyncio.to_thread(metrics_page, f"http://127.0.0.1:{metrics_port}/metrics")
+        assert page[("wattstream_feed_polls_total", ("price", "ok"))] >= 3
+        assert page[("wattstream_feed_polls_total", ("price", "error"))] == 0
+        assert page[("wattstream_feed_messages_sent_total", ("price",))] == 2
+        assert page[("wattstream_feed_rejected_total", ("price", "row"))] == 1
+        assert page[("wattstream_feed_rejected_total", ("price", "document"))] == 0
+        answered_unix_s = page[("wattstream_feed_last_answer_timestamp_seconds", ("price",))]
+        assert started_unix_s < answered_unix_s <= time.time()
         process.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
         assert process.returncode == 0, stderr.decode()[-2000:]
@@ -126,7 +140,6 @@ async def test_ingest_tou_publishes_the_sample_tariff_across_a_dst_change(
 async def test_simulate_sunspec_then_ingest_modbus_puts_all_three_devices_in_kafka(
     kafka_broker: EmbeddedBroker, make_settings: SettingsFactory, tmp_path: Path
 ) -> None:
-    from pipeline.local import free_port
     from pipeline.schemas import TelemetryBatch
 
     settings = make_settings(broker=kafka_broker.bootstrap, kafka={"one_record_per_batch": True})

@@ -26,6 +26,7 @@ from ingest.prices import (
     tou_ticks,
 )
 from pipeline import topics
+from pipeline.metrics import ConnectorCollector
 from pipeline.schemas import DeadLetter, PriceKind, PriceTick
 from pipeline.settings import Settings
 
@@ -374,6 +375,17 @@ async def test_unreadable_source_backs_off_exponentially_with_jitter_up_to_the_c
     for delay_s, ceiling_s in zip(delays, [1, 2, 4, 8, 8, 8], strict=True):
         assert ceiling_s / 2 <= delay_s <= ceiling_s
     assert feed.stats.fetch_errors == 6 and "missing.csv" in (feed.stats.last_error or "")
+    # What /metrics makes of it: six failed polls, none answered, no last answer yet.
+    collector = ConnectorCollector()
+    collector.connectors["price"] = feed.stats
+    samples = {
+        (s.name, tuple(s.labels.values())): s.value
+        for family in collector.collect()
+        for s in family.samples
+    }
+    assert samples[("wattstream_feed_polls_total", ("price", "error"))] == 6
+    assert samples[("wattstream_feed_polls_total", ("price", "ok"))] == 0
+    assert not any(name.startswith("wattstream_feed_last_answer") for name, _ in samples)
     await feed.stop()
     await feed.stop()  # safe twice
 
