@@ -39,7 +39,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
-from pipeline import codec, kafka, metrics, topics
+from pipeline import codec, kafka, logs, metrics, topics
 from pipeline.backoff import Backoff
 from pipeline.schemas import Alert, AlertStatus, DeadLetter, Severity, stable_id
 from pipeline.settings import Settings, WebhookSettings
@@ -200,8 +200,12 @@ class WebhookSink:
                 )
                 for tp, messages in records.items():
                     for message in messages:
-                        if self._stopping.is_set() or not await self._handle(message):
+                        if self._stopping.is_set():
                             return  # the rest stays uncommitted and is read again
+                        with logs.batch(logs.batch_id(message)):
+                            handled = await self._handle(message)
+                        if not handled:
+                            return
                         await self._commit(tp, message.offset + 1)
         finally:
             self._running = False

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp import web
 
-from pipeline import codec, kafka, topics
+from pipeline import codec, kafka, logs, topics
 from pipeline.local import EmbeddedBroker
 from pipeline.schemas import Alert, DeadLetter
 from pipeline.settings import Settings
@@ -139,10 +140,33 @@ async def test_a_receiver_failing_for_a_while_gets_it_in_the_end(
         settings = await settings_for(make_settings, kafka_broker, url)
         await produce(settings, [alert("a-1")])
         sink = WebhookSink(settings)
-        async with running(sink):
-            await eventually(lambda: committed(settings, sink))
+        with batch_ids_logged("sinks.webhook") as tagged:
+            async with running(sink):
+                await eventually(lambda: committed(settings, sink))
     assert len(attempts) == 4 and sink.stats.sent == 1 and sink.stats.retries == 3
     assert sink.stats.dead_lettered == 0
+    # Each retry warning names the alert's record, as the agents' lines name their batch.
+    retries = [batch for message, batch in tagged if "attempt" in message]
+    assert len(retries) == 3 and len(set(retries)) == 1, tagged
+    topic, partition, offset = (retries[0] or "").rsplit("/", 2)
+    assert (topic, partition.isdigit(), offset) == (settings.topic(topics.ALERTS), True, "0")
+
+
+@contextlib.contextmanager
+def batch_ids_logged(logger_name: str) -> Iterator[list[tuple[str, str | None]]]:
+    """(message, batch id) of each record the logger emits meanwhile."""
+    tagged: list[tuple[str, str | None]] = []
+
+    class Tagged(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            tagged.append((record.getMessage(), logs.BATCH_ID.get()))
+
+    logger, handler = logging.getLogger(logger_name), Tagged()
+    logger.addHandler(handler)
+    try:
+        yield tagged
+    finally:
+        logger.removeHandler(handler)
 
 
 async def test_a_slow_receiver_times_out_and_is_retried(
