@@ -237,7 +237,9 @@ async def test_kill_9_mid_replay_then_restart_stores_what_an_uninterrupted_run_s
     assert "detection-state" in restarted_log and "Recovery" in restarted_log, restarted_log[-3000:]
 
     want, got = await _outputs(reference), await _outputs(crashed)
-    if want != got:
+    # Duplicates are allowed (at least once): the evidence, tens of MB, only for a real
+    # difference.
+    if any(set(want[name]) != set(got[name]) for name in want):
         await _keep_evidence(tmp_path, reference, crashed)
     made = {name: len(messages) for name, messages in want.items()}
     assert all(made.values()), f"the reference run made none of some outputs: {made}"
