@@ -5,15 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
+from benchmarks.peer import arbitrage_only_config
 from ingest.replay import Replay
 from pipeline import codec, kafka, topics
 from pipeline.app import agent_input_topics, create_app
 from pipeline.local import EmbeddedBroker
 from pipeline.schemas import Command, DeadLetter, Decision
+from pipeline.settings import Settings
 from tests.conftest import SettingsFactory
 from tests.expectations import expected_decisions
 
@@ -57,6 +60,20 @@ def write_inputs(tmp_path: Path) -> tuple[Path, Path]:
     (tmp_path / "t.csv").write_text("\n".join(telemetry) + "\n")
     (tmp_path / "p.csv").write_text("\n".join(prices) + "\n")
     return tmp_path / "t.csv", tmp_path / "p.csv"
+
+
+async def arbitrage_worker(
+    make_settings: SettingsFactory, broker: EmbeddedBroker, tmp_path: Path, **overrides: Any
+) -> tuple[Settings, Path]:
+    """Settings for :data:`SITES` on the broker (``overrides`` added), their topics created,
+    and the config file (tmp_path/arbitrage.toml) of a worker that runs their arbitrage only."""
+    settings = make_settings(
+        broker=broker.bootstrap, sites=SITES, kafka={"one_record_per_batch": True}, **overrides
+    )
+    config = tmp_path / "arbitrage.toml"
+    config.write_text(arbitrage_only_config(settings))
+    await kafka.ensure_topics(settings)
+    return settings, config
 
 
 async def test_replay_through_agents_gives_the_rule_decisions_and_dead_letters_bad_input(

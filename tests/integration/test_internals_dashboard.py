@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.peer import arbitrage_only_config
 from ingest.replay import Replay
 from pipeline import kafka, topics
 from pipeline.app import agent_input_topics
@@ -23,7 +22,7 @@ from pipeline.dashboards import (
 )
 from pipeline.local import EmbeddedBroker, free_port
 from tests.conftest import SettingsFactory
-from tests.integration.test_arbitrage_agent import SITES, write_inputs
+from tests.integration.test_arbitrage_agent import arbitrage_worker, write_inputs
 from tests.integration.test_worker_metrics import BAD_RECORDS, metrics_environment
 from tests.servers import Prometheus
 from tests.workers import wattstream_process
@@ -40,12 +39,7 @@ async def test_every_internals_panel_query_returns_data_from_prometheus(
     (dashboard,) = load_dashboards(INTERNALS_DIR)
     queries = promql_queries(dashboard)
     assert len(queries) >= 12
-    settings = make_settings(
-        broker=kafka_broker.bootstrap, sites=SITES, kafka={"one_record_per_batch": True}
-    )
-    config = tmp_path / "arbitrage.toml"
-    config.write_text(arbitrage_only_config(settings))
-    await kafka.ensure_topics(settings)
+    settings, config = await arbitrage_worker(make_settings, kafka_broker, tmp_path)
     port = free_port("127.0.0.1")
     prometheus = Prometheus([f"127.0.0.1:{port}"]).start()
     log = tmp_path / "worker.log"

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from benchmarks.e2e import worker_environment
-from benchmarks.peer import arbitrage_only_config, decision_ids
+from benchmarks.peer import decision_ids
 from ingest.replay import Replay
 from pipeline import kafka, topics
 from pipeline.app import agent_input_topics
 from pipeline.local import EmbeddedBroker
 from pipeline.settings import Settings
 from tests.conftest import SettingsFactory
-from tests.integration.test_arbitrage_agent import HOURS, SITES, write_inputs
+from tests.integration.test_arbitrage_agent import HOURS, arbitrage_worker, write_inputs
 from tests.workers import wattstream_process
 
 pytestmark = pytest.mark.integration
@@ -35,12 +35,7 @@ def running_worker(
 async def test_no_sinks_runs_the_agents_only(
     kafka_broker: EmbeddedBroker, make_settings: SettingsFactory, tmp_path: Path
 ) -> None:
-    settings = make_settings(
-        broker=kafka_broker.bootstrap, sites=SITES, kafka={"one_record_per_batch": True}
-    )
-    config = tmp_path / "arbitrage.toml"
-    config.write_text(arbitrage_only_config(settings))
-    await kafka.ensure_topics(settings)
+    settings, config = await arbitrage_worker(make_settings, kafka_broker, tmp_path)
     telemetry_file, prices_file = write_inputs(tmp_path)
     await Replay(settings, telemetry_file, prices_file).run()
     telemetry = settings.topic(topics.TELEMETRY)

@@ -16,14 +16,13 @@ from typing import Any
 import pytest
 
 from benchmarks.e2e import worker_environment
-from benchmarks.peer import arbitrage_only_config
 from ingest.replay import Replay
 from pipeline import kafka, topics
 from pipeline.app import agent_input_topics
 from pipeline.local import EmbeddedBroker, free_port
 from pipeline.settings import Settings
 from tests.conftest import SettingsFactory
-from tests.integration.test_arbitrage_agent import HOURS, SITES, write_inputs
+from tests.integration.test_arbitrage_agent import HOURS, arbitrage_worker, write_inputs
 from tests.servers import InfluxDB1, Prometheus
 from tests.workers import metrics_page, wattstream_process
 
@@ -67,12 +66,7 @@ def metrics_environment(settings: Settings, config: Path, port: int) -> dict[str
 async def test_prometheus_scrapes_the_readings_and_dead_letters_a_worker_processed(
     kafka_broker: EmbeddedBroker, make_settings: SettingsFactory, tmp_path: Path
 ) -> None:
-    settings = make_settings(
-        broker=kafka_broker.bootstrap, sites=SITES, kafka={"one_record_per_batch": True}
-    )
-    config = tmp_path / "arbitrage.toml"
-    config.write_text(arbitrage_only_config(settings))
-    await kafka.ensure_topics(settings)
+    settings, config = await arbitrage_worker(make_settings, kafka_broker, tmp_path)
     telemetry_file, prices_file = write_inputs(tmp_path)
     sent = await Replay(settings, telemetry_file, prices_file).run()
     assert sent.readings_sent == 3 * 2 * HOURS * 12  # three sites, two devices, 5-min steps
@@ -163,15 +157,12 @@ async def test_a_sink_outage_shows_in_its_gauges_and_counters(
 ) -> None:
     influx = InfluxDB1().start()
     try:
-        settings = make_settings(
-            broker=kafka_broker.bootstrap,
-            sites=SITES,
-            kafka={"one_record_per_batch": True},
+        settings, config = await arbitrage_worker(
+            make_settings,
+            kafka_broker,
+            tmp_path,
             influx={"url": influx.url, "database": "metrics", "retry_max_s": 1.0},
         )
-        config = tmp_path / "arbitrage.toml"
-        config.write_text(arbitrage_only_config(settings))
-        await kafka.ensure_topics(settings)
         port = free_port("127.0.0.1")
         base = f"http://127.0.0.1:{port}"
         log = tmp_path / "worker.log"
