@@ -21,7 +21,8 @@ import difflib
 import os
 import re
 import ssl
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -316,7 +317,7 @@ class SiteConfig(_Area):
     @classmethod
     def _unique_devices(cls, batteries: list[BatteryConfig]) -> list[BatteryConfig]:
         devices = [b.device for b in batteries]
-        duplicates = sorted({d for d in devices if devices.count(d) > 1})
+        duplicates = repeated(devices)
         if duplicates:
             raise ValueError(f"duplicate battery devices {duplicates}")
         return batteries
@@ -427,7 +428,7 @@ class Settings(BaseSettings):
     @classmethod
     def _unique_sites(cls, sites: list[SiteConfig]) -> list[SiteConfig]:
         ids = [s.id for s in sites]
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        duplicates = repeated(ids)
         if duplicates:
             raise ValueError(f"duplicate site ids {duplicates}")
         return sites
@@ -718,6 +719,11 @@ def mask_url(url: str, *, keep_path: bool = True) -> str:
         return f"{parts.scheme}://{host}{rest}" if parts.scheme and host else MASK
     base, mark, query = text.partition("?")
     return base + mark + _SECRET_QUERY.sub(lambda match: match.group(1) + MASK, query)
+
+
+def repeated(values: Iterable[str]) -> list[str]:
+    """The values that occur more than once, sorted: what a "must be unique" error names."""
+    return sorted(value for value, count in Counter(values).items() if count > 1)
 
 
 def check_soc_range(device: str, soc_min_pct: float, soc_max_pct: float) -> None:

@@ -93,6 +93,7 @@ from pipeline.settings import (
     Settings,
     SettingsError,
     SiteConfig,
+    repeated,
     time_zone,
     validate_section,
 )
@@ -319,7 +320,7 @@ class AllocationConfig(_Config):
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         names = [c.name for c in self.consumers]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        duplicates = repeated(names)
         if duplicates:
             raise ValueError(f"site {self.site}: duplicate consumers {duplicates}")
         for kind in (ConsumerKind.BATTERY_CHARGING, ConsumerKind.EXPORT):

@@ -115,6 +115,7 @@ from pipeline.settings import (
     Settings,
     SettingsError,
     SiteConfig,
+    repeated,
     time_zone,
     validate_section,
 )
@@ -174,7 +175,7 @@ class CarbonSettings(BaseModel):
     def _distinct_roles(self) -> Self:
         lists = [self.meter_devices or [], self.solar_devices or [], self.battery_devices or []]
         seen = [d for devices in lists for d in devices]
-        duplicates = sorted({d for d in seen if seen.count(d) > 1})
+        duplicates = repeated(seen)
         if duplicates:
             raise ValueError(f"devices listed under more than one role: {duplicates}")
         return self

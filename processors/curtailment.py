@@ -122,7 +122,7 @@ from pipeline.schemas import (
     TelemetryBatch,
     stable_id,
 )
-from pipeline.settings import Settings, SiteConfig, check_soc_range, validate_section
+from pipeline.settings import Settings, SiteConfig, check_soc_range, repeated, validate_section
 from processors.alerting import DetailValue, firing, resolved
 
 if TYPE_CHECKING:
@@ -310,14 +310,14 @@ class CurtailmentSettings(_Config):
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         where = f"curtailment {self.site}"
-        duplicates = sorted({c for c in self.order if self.order.count(c) > 1})
+        duplicates = repeated(self.order)
         if duplicates:
             raise ValueError(f"{where}: order names {duplicates} more than once")
         homes = [h.id for h in self.homes]
-        if dup := sorted({h for h in homes if homes.count(h) > 1}):
+        if dup := repeated(homes):
             raise ValueError(f"{where}: duplicate homes {dup}")
         names = [t.id for t in self.transformers]
-        if dup := sorted({t for t in names if names.count(t) > 1}):
+        if dup := repeated(names):
             raise ValueError(f"{where}: duplicate transformers {dup}")
         for home in self.homes:
             if home.transformer is not None and home.transformer not in names:

@@ -94,7 +94,7 @@ from pipeline.schemas import (
     UtcDatetime,
     stable_id,
 )
-from pipeline.settings import Settings, SiteConfig, time_zone, validate_section
+from pipeline.settings import Settings, SiteConfig, repeated, time_zone, validate_section
 
 if TYPE_CHECKING:
     import faust
@@ -649,7 +649,7 @@ def schedule(
     if peak_target_kw is not None and not (math.isfinite(peak_target_kw) and peak_target_kw > 0):
         raise ValueError(f"peak_target_kw must be positive and finite, got {peak_target_kw}")
     ids = [s.vehicle_id for s in sessions]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    duplicates = repeated(ids)
     if duplicates:
         raise ValueError(f"duplicate vehicle_id in sessions: {duplicates}")
     step = timedelta(minutes=step_minutes)
@@ -978,7 +978,7 @@ class FleetSettings(FleetSiteLimits):
     @model_validator(mode="after")
     def _valid(self) -> Self:
         ids = [v.vehicle_id for v in self.vehicles]
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        duplicates = repeated(ids)
         if duplicates:
             raise ValueError(f"duplicate vehicle_id {duplicates}")
         time_zone(self.timezone)

@@ -47,7 +47,7 @@ from pipeline.schemas import (
     TelemetryBatch,
     stable_id,
 )
-from pipeline.settings import Settings, SettingsError, SiteConfig, validate_section
+from pipeline.settings import Settings, SettingsError, SiteConfig, repeated, validate_section
 from processors.alerting import firing, resolved
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class FollowSunSettings(BaseModel):
     @model_validator(mode="after")
     def _unique_jobs(self) -> FollowSunSettings:
         devices = [job.device for job in self.jobs]
-        duplicates = sorted({d for d in devices if devices.count(d) > 1})
+        duplicates = repeated(devices)
         if duplicates:
             raise ValueError(f"duplicate job devices {duplicates}")
         return self

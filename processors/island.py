@@ -63,7 +63,7 @@ from pipeline.schemas import (
     TelemetryBatch,
     stable_id,
 )
-from pipeline.settings import Settings, SiteConfig, validate_section
+from pipeline.settings import Settings, SiteConfig, repeated, validate_section
 from processors.allocation import ConsumerConfig, ConsumerKind, default_consumers
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ class IslandConfig(_Config):
                 f"must be above battery_min_soc_pct ({self.battery_min_soc_pct})"
             )
         devices = [g.device for g in self.generators]
-        duplicates = sorted({d for d in devices if devices.count(d) > 1})
+        duplicates = repeated(devices)
         if duplicates:
             raise ValueError(f"island {self.site}: duplicate generators {duplicates}")
         return self

@@ -122,7 +122,7 @@ from pydantic import (
 )
 
 from pipeline.schemas import Alert, Identifier, Patent, Severity, stable_id
-from pipeline.settings import Settings, validate_section
+from pipeline.settings import Settings, repeated, validate_section
 from processors.alerting import DetailValue, firing
 
 if TYPE_CHECKING:
@@ -327,7 +327,7 @@ class PatentWatchSettings(_Config):
     @classmethod
     def _unique_names(cls, value: list[Watchlist]) -> list[Watchlist]:
         names = [w.name for w in value]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        duplicates = repeated(names)
         if duplicates:
             raise ValueError(f"watchlist names must be unique, repeated: {duplicates}")
         return value

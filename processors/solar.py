@@ -130,7 +130,7 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.schemas import Alert, Identifier, Severity, SolarReading, TelemetryBatch
-from pipeline.settings import Settings, SiteConfig, validate_section
+from pipeline.settings import Settings, SiteConfig, repeated, validate_section
 from processors.alerting import DetailValue, firing, resolved
 
 if TYPE_CHECKING:
@@ -268,7 +268,7 @@ class SolarSettings(_Model):
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         devices = [a.device for a in self.arrays]
-        duplicates = sorted({d for d in devices if devices.count(d) > 1})
+        duplicates = repeated(devices)
         if duplicates:
             raise ValueError(f"duplicate array devices {duplicates}")
         if not self.fast_window_min < self.mid_window_min:
